@@ -1,0 +1,82 @@
+"""Every Prometheus metric the monitor exports, defined in one place around an injected registry.
+
+Naming: one prefix (`ecg_monitor_`), base units, `_total` counters, no per-sensor labels
+(sensors can be many). The README's "Metrics" table lists these; the Grafana dashboard and
+the alert rules in deploy/ use only these names (a test checks that).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+
+# The *_created series double the exposition size and no dashboard uses them.
+disable_created_metrics()
+
+PREFIX = "ecg_monitor"
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Reconstruction-error buckets as multiples of the model's threshold, so the heatmap
+#: reads the same for any model and the threshold is always a bucket edge.
+ERROR_BUCKET_FACTORS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class Metrics:
+    """The monitor's metrics. Tests pass a fresh CollectorRegistry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, threshold: float = 1.0) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        p = PREFIX
+        self.build_info = Info(f"{p}_build", "Monitor version, model version and scoring device", registry=r)
+        self.ready = Gauge(f"{p}_ready", "1 when the model is loaded and the consumer has its assignment", registry=r)
+        self.model_threshold = Gauge(f"{p}_model_threshold", "Anomaly threshold of the loaded model (score units)", registry=r)
+
+        self.records = Counter(f"{p}_records_total", "Input records consumed", registry=r)
+        self.samples = Counter(f"{p}_samples_total", "Samples accepted into sensor buffers", registry=r)
+        self.invalid_records = Counter(f"{p}_invalid_records_total", "Input records rejected to the dead-letter topic, by reason", ["reason"], registry=r)
+        self.sequence_gaps = Counter(f"{p}_sequence_gaps_total", "Gaps in a sensor's seq that reset its buffer", registry=r)
+        self.duplicate_samples = Counter(f"{p}_duplicate_samples_total", "Samples dropped because their seq was already seen", registry=r)
+        self.reordered_records = Counter(f"{p}_reordered_records_total", "Records that arrived out of seq order and were put back in order", registry=r)
+        self.evicted_sensors = Counter(f"{p}_evicted_sensors_total", "Sensor buffers evicted for idleness or to bound memory", registry=r)
+
+        self.windows_scored = Counter(f"{p}_windows_scored_total", "Windows scored", registry=r)
+        self.anomalous_windows = Counter(f"{p}_anomalous_windows_total", "Scored windows above the threshold", registry=r)
+        self.alerts = Counter(f"{p}_alerts_total", "Alerts published, by state", ["state"], registry=r)
+        self.scores_published = Counter(f"{p}_scores_published_total", "Per-window score records published to the scores topic", registry=r)
+        self.dead_letters = Counter(f"{p}_dead_letters_published_total", "Records published to the dead-letter topic", registry=r)
+        self.commits = Counter(f"{p}_offset_commits_total", "Successful offset commits", registry=r)
+        self.kafka_errors = Counter(f"{p}_kafka_errors_total", "Kafka operations that failed and were retried, by operation", ["operation"], registry=r)
+
+        self.batch_size = Histogram(f"{p}_batch_size_windows", "Windows per scoring batch", buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.scoring_latency = Histogram(f"{p}_scoring_latency_seconds", "Time to score one batch", buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end_latency = Histogram(f"{p}_end_to_end_latency_seconds", "From the ts of a window's last record to the publication of its result", buckets=LATENCY_BUCKETS, registry=r)
+        self.reconstruction_error = Histogram(f"{p}_reconstruction_error", "Reconstruction error per scored window (score units)", buckets=[threshold * f for f in ERROR_BUCKET_FACTORS], registry=r)
+
+        self.consumer_lag = Gauge(f"{p}_consumer_lag_records", "Records behind the end of the assigned input partitions", registry=r)
+        self.active_sensors = Gauge(f"{p}_active_sensors", "Sensors with a live window buffer", registry=r)
+        self.assigned_partitions = Gauge(f"{p}_assigned_partitions", "Input partitions assigned to this instance", registry=r)
+        self.last_processed = Gauge(f"{p}_last_processed_timestamp_seconds", "Unix time the last record was processed", registry=r)
+        self.loop_heartbeat = Gauge(f"{p}_loop_heartbeat_timestamp_seconds", "Unix time of the last main-loop iteration", registry=r)
+
+        for reason in _reject_reasons():
+            self.invalid_records.labels(reason=reason)
+        for state in ("firing", "resolved"):
+            self.alerts.labels(state=state)
+        self.model_threshold.set(threshold)
+
+
+def _reject_reasons() -> tuple[str, ...]:
+    from monitor.wire import REJECT_REASONS
+
+    return REJECT_REASONS
+
+
+def metric_names(metrics: Metrics) -> set[str]:
+    """Every sample name the registry can expose (with _total/_bucket/... suffixes)."""
+    names: set[str] = set()
+    for family in metrics.registry.collect():
+        names.add(family.name)
+        for sample in family.samples:
+            names.add(sample.name)
+    return names

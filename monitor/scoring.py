@@ -1,0 +1,106 @@
+"""The scorer: windows in, reconstruction errors out. Used by the trainer's evaluation and
+by the daemon, so offline and online scores are the same numbers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monitor.artefact import Artefact, ArtefactError
+from monitor.model import LSTMAutoencoder
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means CUDA when present, else CPU; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available (torch "
+                           f"{torch.__version__}); use device 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+class Scorer:
+    """`score(windows) -> errors`, one error per window, in the units of `threshold`."""
+
+    def __init__(self, artefact: Artefact, device: str = "auto", max_batch: int = 1024) -> None:
+        self.artefact = artefact
+        self.device = resolve_device(device)
+        self.max_batch = max_batch
+        self.model = LSTMAutoencoder(artefact.config)
+        self.model.load_state_dict(artefact.state_dict)
+        self.model.to(self.device).eval()
+        norm = artefact.normalisation
+        self._norm_kind = norm.get("kind", "none")
+        if self._norm_kind == "global":
+            self._mean = np.asarray(norm["mean"], dtype=np.float32)
+            self._std = np.asarray(norm["std"], dtype=np.float32)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, device: str = "auto", max_batch: int = 1024) -> "Scorer":
+        return cls(Artefact.load(Path(path)), device=device, max_batch=max_batch)
+
+    @property
+    def window_length(self) -> int:
+        return self.artefact.window_length
+
+    @property
+    def n_features(self) -> int:
+        return self.artefact.n_features
+
+    @property
+    def threshold(self) -> float:
+        return self.artefact.threshold
+
+    @property
+    def model_version(self) -> str:
+        return self.artefact.model_version
+
+    def prepare(self, windows: np.ndarray) -> np.ndarray:
+        """Shape-check to (n, window_length, n_features) float32 and normalise."""
+        x = np.asarray(windows, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[:, :, None]
+        if x.ndim != 3 or x.shape[1:] != (self.window_length, self.n_features):
+            raise ValueError(f"expected windows of shape (n, {self.window_length}) or "
+                             f"(n, {self.window_length}, {self.n_features}), got {np.shape(windows)}")
+        if self._norm_kind == "zscore":
+            mean = x.mean(axis=1, keepdims=True)
+            std = x.std(axis=1, ddof=1, keepdims=True)
+            x = (x - mean) / np.maximum(std, 1e-6)
+        elif self._norm_kind == "global":
+            x = (x - self._mean) / self._std
+        return np.ascontiguousarray(x)
+
+    def reconstruct(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised input, reconstruction), both (n, window_length, n_features)."""
+        x = self.prepare(windows)
+        out = np.empty_like(x)
+        with torch.inference_mode():
+            for start in range(0, len(x), self.max_batch):
+                batch = torch.from_numpy(x[start:start + self.max_batch]).to(self.device)
+                out[start:start + self.max_batch] = self.model(batch).float().cpu().numpy()
+        return x, out
+
+    def score(self, windows: np.ndarray) -> np.ndarray:
+        """Reconstruction error per window (float64, shape (n,))."""
+        x = self.prepare(windows)
+        errors = np.empty(len(x), dtype=np.float64)
+        with torch.inference_mode():
+            for start in range(0, len(x), self.max_batch):
+                batch = torch.from_numpy(x[start:start + self.max_batch]).to(self.device)
+                abs_err = (self.model(batch) - batch).abs()
+                per_window = abs_err.mean(dim=(1, 2)) if self.artefact.reduction == "mean_abs" else abs_err.sum(dim=(1, 2))
+                errors[start:start + self.max_batch] = per_window.double().cpu().numpy()
+        return errors
+
+    def is_anomalous(self, errors: np.ndarray) -> np.ndarray:
+        return np.asarray(errors) > self.threshold
+
+
+__all__ = ["Scorer", "ArtefactError", "resolve_device", "DEVICES"]
