@@ -77,26 +77,29 @@ class Scorer:
             x = (x - self._mean) / self._std
         return np.ascontiguousarray(x)
 
+    def _forward(self, x: np.ndarray):
+        """Yield (slice, input, reconstruction) tensors, max_batch windows at a time."""
+        with torch.inference_mode():
+            for start in range(0, len(x), self.max_batch):
+                rows = slice(start, start + self.max_batch)
+                batch = torch.from_numpy(x[rows]).to(self.device, non_blocking=True)
+                yield rows, batch, self.model(batch)
+
     def reconstruct(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(normalised input, reconstruction), both (n, window_length, n_features)."""
         x = self.prepare(windows)
         out = np.empty_like(x)
-        with torch.inference_mode():
-            for start in range(0, len(x), self.max_batch):
-                batch = torch.from_numpy(x[start:start + self.max_batch]).to(self.device)
-                out[start:start + self.max_batch] = self.model(batch).float().cpu().numpy()
+        for rows, _, recon in self._forward(x):
+            out[rows] = recon.float().cpu().numpy()
         return x, out
 
     def score(self, windows: np.ndarray) -> np.ndarray:
         """Reconstruction error per window (float64, shape (n,))."""
         x = self.prepare(windows)
         errors = np.empty(len(x), dtype=np.float64)
-        with torch.inference_mode():
-            for start in range(0, len(x), self.max_batch):
-                batch = torch.from_numpy(x[start:start + self.max_batch]).to(self.device)
-                abs_err = (self.model(batch) - batch).abs()
-                per_window = abs_err.mean(dim=(1, 2)) if self.artefact.reduction == "mean_abs" else abs_err.sum(dim=(1, 2))
-                errors[start:start + self.max_batch] = per_window.double().cpu().numpy()
+        reduce = torch.mean if self.artefact.reduction == "mean_abs" else torch.sum
+        for rows, batch, recon in self._forward(x):
+            errors[rows] = reduce((recon - batch).abs(), dim=(1, 2)).double().cpu().numpy()
         return errors
 
     def is_anomalous(self, errors: np.ndarray) -> np.ndarray:
