@@ -35,6 +35,8 @@ class MonitorSettings(BaseSettings):
     session_timeout_ms: int = Field(10_000, ge=1000)
     max_poll_interval_ms: int = Field(300_000, ge=1000)
     max_poll_records: int = Field(2000, ge=1)
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a group with no committed offset starts reading")
 
     # Model and scoring
     model_path: Path = Field(Path("models/ecg-lstm-ae.pt"), description="Model artefact from `trainer fit`")
@@ -53,6 +55,9 @@ class MonitorSettings(BaseSettings):
     # Sensor state
     sensor_idle_timeout_s: float = Field(600.0, gt=0, description="Evict a sensor's buffer after this long without data")
     max_sensors: int = Field(200_000, ge=1, description="Bound on live sensor buffers; the idlest are evicted beyond it")
+    reorder_slots: int = Field(4, ge=0, description="Records per sensor held while waiting for a missing earlier record")
+    reorder_timeout_s: float = Field(2.0, gt=0, description="A missing record not seen by then is a gap")
+    replay_max_windows: int = Field(1000, ge=1, description="Longest alert episode (windows) held uncommitted so a restart re-derives the same alert ids")
 
     # HTTP, logging, lifecycle
     metrics_host: str = "0.0.0.0"
