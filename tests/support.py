@@ -1,0 +1,339 @@
+"""Helpers for tests that run the monitor daemon as a subprocess against a real broker.
+
+Shared by the daemon, deploy and reliability suites; import as `from tests.support import ...`
+(or `from support import ...` from inside tests/). Typical use:
+
+    topics = Topics.for_prefix(topic_prefix)
+    topics.create(broker.bootstrap, partitions=3)
+    env = monitor_env(broker.bootstrap, topics, trained_model, MONITOR_ALERT_K="2")
+    with MonitorProcess(env, log_path=tmp_path / "monitor.log") as monitor:
+        produce(broker.bootstrap, topics.input, stream_records({"s1": beats}, chunk=70))
+        wait_for(lambda: monitor.metric("ecg_monitor_windows_scored_total") >= len(beats), 60)
+        alerts = consume_all(broker.bootstrap, topics.alerts)
+        assert monitor.stop() == 0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+Record = tuple[bytes | None, bytes]  # (key, value) as produced to Kafka
+
+
+# -- data --------------------------------------------------------------------------------------
+
+def load_ecg5000(data_dir: Path, files: tuple[str, ...] = ("TEST",)) -> tuple[np.ndarray, np.ndarray]:
+    """(beats (n, 140) float32, class labels (n,) int; 1 = normal) from the UCR text files."""
+    parts = [np.loadtxt(Path(data_dir) / f"ECG5000_{name}.txt", dtype=np.float64) for name in files]
+    table = np.concatenate(parts)
+    return table[:, 1:].astype(np.float32), table[:, 0].astype(int)
+
+
+# -- topics and settings -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Topics:
+    input: str
+    alerts: str
+    dlq: str
+    scores: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> "Topics":
+        return cls(f"{prefix}.samples", f"{prefix}.alerts", f"{prefix}.dlq", f"{prefix}.scores")
+
+    def create(self, bootstrap: str, partitions: int = 3) -> "Topics":
+        from monitor.broker import create_topics
+
+        create_topics(bootstrap, {self.input: partitions, self.alerts: 1, self.dlq: 1, self.scores: 1})
+        return self
+
+
+def monitor_env(bootstrap: str, topics: Topics, model_path: Path, *, scores: bool = True,
+                group_id: str | None = None, **overrides: Any) -> dict[str, str]:
+    """MONITOR_* environment for a test daemon: the given broker and topics, a free metrics port,
+    short group timeouts (Tansu joins take about the rebalance timeout) and small batches.
+    Keyword overrides use the env names, e.g. MONITOR_ALERT_K="1"."""
+    from monitor.broker import free_port
+
+    env = {
+        "MONITOR_BOOTSTRAP_SERVERS": bootstrap,
+        "MONITOR_GROUP_ID": group_id or f"{topics.input}.monitor",
+        "MONITOR_MODEL_PATH": str(model_path),
+        "MONITOR_INPUT_TOPIC": topics.input,
+        "MONITOR_ALERTS_TOPIC": topics.alerts,
+        "MONITOR_DLQ_TOPIC": topics.dlq,
+        "MONITOR_SCORES_TOPIC": topics.scores if scores else "",
+        "MONITOR_DEVICE": "cpu",
+        "MONITOR_METRICS_HOST": "127.0.0.1",
+        "MONITOR_METRICS_PORT": str(free_port()),
+        "MONITOR_SESSION_TIMEOUT_MS": "6000",
+        "MONITOR_MAX_POLL_INTERVAL_MS": "6000",
+        "MONITOR_MAX_BATCH": "64",
+        "MONITOR_MAX_WAIT_MS": "20",
+        "MONITOR_TORCH_THREADS": "1",
+        "MONITOR_SHUTDOWN_TIMEOUT_S": "20",
+        "MONITOR_LOG_FORMAT": "json",
+    }
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+# -- the daemon as a subprocess ----------------------------------------------------------------
+
+class MonitorProcess:
+    """`python -m monitor run` with the given MONITOR_* env (on top of a clean copy of os.environ).
+
+    Starts on __enter__ (or start()) and waits for /readyz; stop() sends SIGTERM (or another
+    signal) and returns the exit code; kill() is SIGKILL. Logs go to `log_path` (JSON lines)."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path | None = None, args: Iterable[str] = ("run",)) -> None:
+        self.env = dict(env)
+        self.port = int(self.env["MONITOR_METRICS_PORT"])
+        self.log_path = Path(log_path) if log_path else Path(f"/tmp/monitor-{self.port}.log")
+        self.args = list(args)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.base_url}/metrics"
+
+    def start(self, wait_ready: bool = True, timeout_s: float = 90.0) -> "MonitorProcess":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")}
+        env.update(self.env)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "monitor", *self.args], cwd=REPO, env=env,
+                                        stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if wait_ready:
+            self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        def ready() -> bool:
+            if self.process is None or self.process.poll() is not None:
+                raise AssertionError(f"monitor exited with {self.returncode} before ready:\n{self.log_text()[-3000:]}")
+            return self.get("/readyz")[0] == 200
+
+        wait_for(ready, timeout_s, message=lambda: f"monitor not ready:\n{self.log_text()[-3000:]}")
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def get(self, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
+        """(HTTP status, body); status 0 when nothing answers."""
+        try:
+            with urllib.request.urlopen(self.base_url + path, timeout=timeout_s) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as {'name{label="v",...}': value} (labels sorted)."""
+        status, body = self.get("/metrics")
+        if status != 200:
+            raise AssertionError(f"/metrics answered {status}")
+        return parse_metrics(body)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value (0.0 when absent, like a counter that never moved)."""
+        return self.metrics().get(sample_key(name, labels), 0.0)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"monitor did not stop within {timeout_s}s:\n{self.log_text()[-3000:]}") from None
+
+    def kill(self) -> int:
+        return self.stop(signal.SIGKILL, timeout_s=10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict]:
+        """The JSON log lines (MONITOR_LOG_FORMAT=json), skipping anything else."""
+        events = []
+        for line in self.log_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+        return events
+
+    def __enter__(self) -> "MonitorProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+def sample_key(name: str, labels: Mapping[str, str] | None = None) -> str:
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample_key(sample.name, sample.labels)] = float(sample.value)
+    return samples
+
+
+# -- producing and consuming -------------------------------------------------------------------
+
+def stream_records(streams: Mapping[str, np.ndarray], chunk: int, *, seq0: int = 0,
+                   ts: bool = True) -> Iterable[Record]:
+    """Input records for many sensors, interleaved round-robin chunk by chunk (as live sensors
+    would send them). `streams` maps sensor id -> samples (any shape; flattened, e.g. beats
+    (n, 140) back to back). `ts` stamps each record with the time it is generated, which feeds
+    the end-to-end latency metric. A generator: pace it by consuming it slowly."""
+    from monitor.wire import encode_input
+
+    flat = {sensor: np.asarray(values, dtype=np.float64).ravel() for sensor, values in streams.items()}
+    longest = max((len(v) for v in flat.values()), default=0)
+    for start in range(0, longest, chunk):
+        for sensor, values in flat.items():
+            if start < len(values):
+                stamp = time.time() if ts else None
+                yield sensor.encode(), encode_input(sensor, seq0 + start, values[start:start + chunk], ts=stamp)
+
+
+def produce(bootstrap: str, topic: str, records: Iterable[Record], pace_s: float = 0.0) -> int:
+    """Send (key, value) records and flush; `pace_s` sleeps between records. Returns the count."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    count = 0
+    try:
+        for key, value in records:
+            producer.send(topic, key=key, value=value)
+            count += 1
+            if pace_s:
+                time.sleep(pace_s)
+        producer.flush(timeout=30)
+    finally:
+        producer.close(timeout=10)
+    return count
+
+
+def consume_all(bootstrap: str, topic: str, *, min_count: int = 0, timeout_s: float = 60.0,
+                idle_s: float = 1.5) -> list[Any]:
+    """Every record of a topic, read with a fresh group-less consumer from the beginning: polls
+    until at least `min_count` records arrived and then nothing new came for `idle_s`.
+    Returns kafka-python ConsumerRecords (use .key, .value, .partition, .offset, .headers)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        deadline = time.monotonic() + timeout_s
+        partitions = None
+        while not partitions:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"topic {topic} does not exist")
+                time.sleep(0.2)
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        consumer.seek_to_beginning()
+        records: list[Any] = []
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=200)
+            for part in batch.values():
+                records.extend(part)
+            if batch:
+                last_new = time.monotonic()
+            elif len(records) >= min_count and time.monotonic() - last_new >= idle_s:
+                return records
+        raise AssertionError(f"{topic}: {len(records)} records after {timeout_s}s, wanted >= {min_count}")
+    finally:
+        consumer.close()
+
+
+def consume_json(bootstrap: str, topic: str, **kwargs: Any) -> list[dict]:
+    """consume_all, values decoded from JSON."""
+    return [json.loads(r.value) for r in consume_all(bootstrap, topic, **kwargs)]
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.25,
+             message: str | Callable[[], str] = "condition") -> Any:
+    """Poll until predicate() is truthy and return its value; AssertionError on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s: {message() if callable(message) else message}")
+        time.sleep(interval_s)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def malformed_records(sensor_id: str = "bad-sensor", max_bytes: int = 1 << 20) -> dict[str, Record]:
+    """One record per rejection reason (monitor.wire.REJECT_REASONS): reason -> (key, value).
+    'oversized' is just over `max_bytes` (match MONITOR_MAX_RECORD_BYTES)."""
+    key = sensor_id.encode()
+    good = {"sensor_id": sensor_id, "seq": 0, "values": [0.1, 0.2]}
+    padding = "x" * max_bytes
+    return {
+        "oversized": (key, json.dumps({**good, "pad": padding}).encode()),
+        "not_json": (key, b"\xff\xfe this is not json {"),
+        "schema": (key, json.dumps({**good, "seq": "twelve"}).encode()),
+        "non_finite": (key, b'{"sensor_id": "%s", "seq": 0, "values": [0.1, NaN]}' % key),
+        "empty_values": (key, json.dumps({**good, "values": []}).encode()),
+        "key_mismatch": (b"someone-else", json.dumps(good).encode()),
+    }
+
+
+# -- expectations ------------------------------------------------------------------------------
+
+def expected_alert_ids(flags: Mapping[str, Iterable[bool]], window_length: int, *, k: int, n: int, m: int,
+                       hop: int | None = None, seq0: int = 0) -> set[str]:
+    """The alert ids the daemon must publish for sensors whose aligned windows (starting at seq0,
+    one every `hop` samples) score anomalous (True) or not, under the k/n/m policy."""
+    from monitor.policy import AlertPolicy
+    from monitor.wire import AlertRecord
+
+    hop = hop or window_length
+    policy, ids = AlertPolicy(k, n, m), set()
+    for sensor, sensor_flags in flags.items():
+        for i, flag in enumerate(sensor_flags):
+            state = policy.observe((0, sensor), bool(flag), 0)
+            if state:
+                ids.add(AlertRecord.make_id(sensor, seq0 + i * hop, state))
+    return ids
