@@ -1,0 +1,125 @@
+"""Kafka clients built from the settings, the rebalance listener and the outbox.
+
+Plain kafka-python against any Kafka-protocol broker (Apache Kafka in production; the tests use
+Tansu). Nothing here creates topics: operators own them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+
+from monitor.settings import MonitorSettings
+
+log = logging.getLogger(__name__)
+
+#: send() blocks at most this long when topic metadata is unknown (broker down), so the
+#: main loop keeps turning and /healthz stays truthful.
+PRODUCER_MAX_BLOCK_MS = 5_000
+
+
+def make_consumer(settings: MonitorSettings, **overrides: Any) -> KafkaConsumer:
+    """A group member with manual commits; subscribe it with a RebalanceListener."""
+    config: dict[str, Any] = {
+        **settings.kafka_common(),
+        "group_id": settings.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": settings.auto_offset_reset,
+        "max_poll_records": settings.max_poll_records,
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": max(100, settings.session_timeout_ms // 3),
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
+    }
+    config.update(overrides)
+    return KafkaConsumer(**config)
+
+
+def make_producer(settings: MonitorSettings, **overrides: Any) -> KafkaProducer:
+    """acks=all and unbounded retries inside the delivery timeout; the Outbox re-sends past it."""
+    config: dict[str, Any] = {
+        **settings.kafka_common(),
+        "acks": "all",
+        "linger_ms": 5,
+        "max_block_ms": PRODUCER_MAX_BLOCK_MS,
+    }
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+class RebalanceListener(ConsumerRebalanceListener):
+    """Forwards kafka-python's callbacks (they run inside poll()) to the daemon, as sets of partitions."""
+
+    def __init__(self, on_revoked: Callable[[set[TopicPartition]], None],
+                 on_assigned: Callable[[set[TopicPartition]], None],
+                 on_lost: Callable[[set[TopicPartition]], None]) -> None:
+        self._on_revoked, self._on_assigned, self._on_lost = on_revoked, on_assigned, on_lost
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self._on_revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self._on_assigned(set(assigned))
+
+    def on_partitions_lost(self, lost) -> None:
+        self._on_lost(set(lost))
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] | None
+    future: Any = None  # kafka-python FutureRecordMetadata, None until sent
+
+
+class Outbox:
+    """Records produced since the last successful flush. Offsets are committed only when it is
+    empty, so every alert, score and dead letter derived from a committed record is on the broker.
+    A record whose delivery failed (e.g. the broker was down past the delivery timeout) is re-sent."""
+
+    def __init__(self, producer: KafkaProducer, on_error: Callable[[str, Exception], None]) -> None:
+        self.producer = producer
+        self.on_error = on_error
+        self._items: list[_Outgoing] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+        item = _Outgoing(topic, key, value, headers)
+        self._items.append(item)
+        self._send(item)
+
+    def _send(self, item: _Outgoing) -> bool:
+        try:
+            item.future = self.producer.send(item.topic, value=item.value, key=item.key, headers=item.headers)
+            return True
+        except KafkaError as exc:  # metadata unavailable within max_block_ms, buffer full, ...
+            item.future = None
+            self.on_error("send", exc)
+            return False
+
+    def flush(self, timeout_s: float) -> bool:
+        """Deliver everything; True when all records are acknowledged and the outbox is empty."""
+        if not self._items:
+            return True
+        for item in self._items:
+            if (item.future is None or item.future.failed()) and not self._send(item):
+                return False
+        try:
+            self.producer.flush(timeout=timeout_s)
+        except KafkaError as exc:
+            self.on_error("flush", exc)
+            return False
+        failed = [item for item in self._items if not item.future.succeeded()]
+        if failed:
+            self.on_error("send", failed[0].future.exception or KafkaError("not delivered"))
+            self._items = failed
+            return False
+        self._items.clear()
+        return True
