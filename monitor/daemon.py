@@ -46,7 +46,8 @@ COMMIT_INTERVAL_S = 1.0  # commits are cheap but not free; at most one a second 
 HOUSEKEEPING_INTERVAL_S = 1.0  # idle eviction, reorder timeouts, gauges
 LAG_INTERVAL_S = 5.0  # consumer lag and the broker probe behind /readyz
 IDLE_POLL_S = 0.2  # poll timeout when nothing is pending: how quickly a stop request is seen
-KAFKA_TIMEOUT_S = 5.0  # bound on one flush / commit / probe, so the loop keeps turning
+KAFKA_TIMEOUT_S = 5.0  # bound on one flush / commit, so the loop keeps turning
+PROBE_TIMEOUT_S = 2.0  # bound on the periodic broker probe
 
 
 class Backoff:
@@ -90,6 +91,7 @@ class Monitor:
         self._last_commit = self._last_housekeeping = self._last_lag = 0.0
         self._last_kafka_error = 0.0
         self._undelivered = False  # the last flush failed: retry it before consuming more
+        self._commit_retry_at = 0.0  # after a failed commit, the next is not tried before this
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -146,7 +148,8 @@ class Monitor:
             if self.checkpoint(force=True, timeout_s=min(KAFKA_TIMEOUT_S, max(0.1, deadline - time.monotonic()))):
                 clean = True
                 break
-            self._sleep(min(self._backoff.fail(), max(0.0, deadline - time.monotonic())))
+            self._sleep(min(self._backoff.fail(), max(0.0, deadline - time.monotonic())), interruptible=False)
+        committed = dict(self.committed)  # closing revokes the partitions, which clears this
         remaining_ms = int(max(0.5, budget * 0.2) * 1000)
         for close in (lambda: self.consumer.close(autocommit=False, timeout_ms=remaining_ms),
                       lambda: self.producer.close(timeout=remaining_ms / 1000)):
@@ -155,7 +158,7 @@ class Monitor:
             except Exception:  # closing must not turn a clean stop into a crash
                 log.exception("error while closing a Kafka client")
         watchdog.cancel()
-        log.info("stopped", extra={"clean": clean, "committed": self.committed})
+        log.info("stopped", extra={"clean": clean, "committed": committed})
         return 0 if clean else 1
 
     # -- input ---------------------------------------------------------------------------------
@@ -250,9 +253,10 @@ class Monitor:
         if self._undelivered:
             return False
         self._observe_latency()
-        if not force and time.monotonic() - self._last_commit < COMMIT_INTERVAL_S:
+        now = time.monotonic()
+        if not force and (now - self._last_commit < COMMIT_INTERVAL_S or now < self._commit_retry_at):
             return True
-        self._last_commit = time.monotonic()
+        self._last_commit = now
         return self._commit(timeout_s)
 
     def _observe_latency(self) -> None:
@@ -284,6 +288,7 @@ class Monitor:
                                  timeout_ms=int(timeout_s * 1000))
         except KafkaError as exc:
             self._kafka_error("commit", exc)
+            self._commit_retry_at = time.monotonic() + self._backoff.fail()
             return False
         for partition, offset in offsets.items():
             self.committed[partition] = offset
@@ -361,7 +366,7 @@ class Monitor:
         if not assigned:
             return
         try:
-            self.consumer.end_offsets(assigned, timeout_ms=int(KAFKA_TIMEOUT_S * 1000))
+            self.consumer.end_offsets(assigned, timeout_ms=int(PROBE_TIMEOUT_S * 1000))
         except KafkaError as exc:
             self._kafka_error("probe", exc)
             return
@@ -386,10 +391,10 @@ class Monitor:
         if time.monotonic() - self._last_kafka_error > KAFKA_TIMEOUT_S:
             self.health.kafka_ok = True
 
-    def _sleep(self, seconds: float) -> None:
-        """Sleep in small steps, keeping the heartbeat fresh and noticing a stop request."""
+    def _sleep(self, seconds: float, interruptible: bool = True) -> None:
+        """Sleep in small steps, keeping the heartbeat fresh and (unless told not to) ending early on a stop request."""
         end = time.monotonic() + seconds
-        while not self.stop_requested and time.monotonic() < end:
+        while not (interruptible and self.stop_requested) and time.monotonic() < end:
             self.health.beat()
             time.sleep(min(0.1, max(0.0, end - time.monotonic())))
 

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 #: send() blocks at most this long when topic metadata is unknown (broker down), so the
 #: main loop keeps turning and /healthz stays truthful.
 PRODUCER_MAX_BLOCK_MS = 5_000
+#: Longest a fetch waits at the broker for data (the latency budget is 250 ms end to end).
+FETCH_MAX_WAIT_MS = 50
 
 
 def make_consumer(settings: MonitorSettings, **overrides: Any) -> KafkaConsumer:
@@ -33,6 +35,9 @@ def make_consumer(settings: MonitorSettings, **overrides: Any) -> KafkaConsumer:
         "session_timeout_ms": settings.session_timeout_ms,
         "heartbeat_interval_ms": max(100, settings.session_timeout_ms // 3),
         "max_poll_interval_ms": settings.max_poll_interval_ms,
+        # The broker answers a fetch as soon as there is data; this only bounds an idle fetch.
+        # Kept short because some Kafka-protocol brokers hold every fetch this long.
+        "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
     }
     config.update(overrides)
     return KafkaConsumer(**config)

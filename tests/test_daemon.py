@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from support import (MonitorProcess, Topics, consume_all, consume_json, expected_alert_ids, load_ecg5000,
+from support import (REPO, MonitorProcess, Topics, consume_all, consume_json, expected_alert_ids, load_ecg5000,
                      malformed_records, monitor_env, produce, stream_records, wait_for)
 
 from monitor.wire import REJECT_REASONS
@@ -203,3 +206,30 @@ def test_sigterm_mid_stream_then_restart_loses_no_window_and_keeps_alert_ids(bro
 def _all_scored(bootstrap: str, topic: str, total: int) -> list[dict] | None:
     scores = consume_json(bootstrap, topic, idle_s=0.5)
     return scores if len({(s["sensor_id"], s["window_start_seq"]) for s in scores}) >= total else None
+
+
+# -- `check` ---------------------------------------------------------------------------------
+
+def _check(env: dict, *args: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")}
+    full.update(env, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "monitor", "check", *args], cwd=REPO, env=full,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_check_reports_settings_model_and_topics(broker, trained_model, topic_prefix):
+    topics = Topics.for_prefix(topic_prefix).create(broker.bootstrap, partitions=2)
+    env = monitor_env(broker.bootstrap, topics, trained_model, MONITOR_SASL_PASSWORD="hunter2")
+    done = _check(env, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["ok"] and summary["model"]["window_length"] == 140
+    assert summary["broker"]["topics"]["input_topic"] == {"name": topics.input, "partitions": 2}
+    assert "hunter2" not in done.stdout  # secrets stay masked
+
+    missing = _check({**env, "MONITOR_ALERTS_TOPIC": f"{topic_prefix}.nope", "MONITOR_MODEL_PATH": "/nonexistent.pt"})
+    assert missing.returncode == 1
+    assert "nonexistent.pt" in missing.stdout and f"{topic_prefix}.nope" in missing.stdout
+
+    invalid = _check({**env, "MONITOR_ALERT_K": "5", "MONITOR_ALERT_N": "3"}, "--skip-broker")
+    assert invalid.returncode == 2 and "alert_k" in invalid.stdout
