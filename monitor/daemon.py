@@ -481,6 +481,7 @@ def connect(settings: MonitorSettings, health: Health) -> tuple[Any, Any] | None
     backoff = Backoff(first_s=0.5, cap_s=5.0)
     stop = {"flag": False}
     previous = {s: signal.signal(s, lambda *_: stop.update(flag=True)) for s in (signal.SIGTERM, signal.SIGINT)}
+    health.kafka_ok = False
     try:
         while not stop["flag"]:
             health.beat()

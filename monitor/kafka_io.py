@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 #: send() blocks at most this long when topic metadata is unknown (broker down), so the
 #: main loop keeps turning and /healthz stays truthful.
 PRODUCER_MAX_BLOCK_MS = 5_000
+#: A client that cannot reach any bootstrap server gives up this soon (and is retried with
+#: backoff), so start-up against a down broker keeps the heartbeat behind /healthz fresh.
+BOOTSTRAP_TIMEOUT_MS = 5_000
 #: Longest a fetch waits at the broker for data (the latency budget is 250 ms end to end).
 FETCH_MAX_WAIT_MS = 50
 
@@ -28,6 +31,7 @@ def make_consumer(settings: MonitorSettings, **overrides: Any) -> KafkaConsumer:
     """A group member with manual commits; subscribe it with a RebalanceListener."""
     config: dict[str, Any] = {
         **settings.kafka_common(),
+        "bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS,
         "group_id": settings.group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": settings.auto_offset_reset,
@@ -47,6 +51,7 @@ def make_producer(settings: MonitorSettings, **overrides: Any) -> KafkaProducer:
     """acks=all and unbounded retries inside the delivery timeout; the Outbox re-sends past it."""
     config: dict[str, Any] = {
         **settings.kafka_common(),
+        "bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS,
         "acks": "all",
         "linger_ms": 5,
         "max_block_ms": PRODUCER_MAX_BLOCK_MS,
