@@ -48,6 +48,7 @@ LAG_INTERVAL_S = 5.0  # consumer lag and the broker probe behind /readyz
 IDLE_POLL_S = 0.2  # poll timeout when nothing is pending: how quickly a stop request is seen
 KAFKA_TIMEOUT_S = 5.0  # bound on one flush / commit, so the loop keeps turning
 PROBE_TIMEOUT_S = 2.0  # bound on the periodic broker probe
+REJECT_LOG_INTERVAL_S = 10.0  # at most one warning per rejection reason this often
 
 
 class Backoff:
@@ -92,6 +93,7 @@ class Monitor:
         self._last_kafka_error = 0.0
         self._undelivered = False  # the last flush failed: retry it before consuming more
         self._commit_retry_at = 0.0  # after a failed commit, the next is not tried before this
+        self._reject_logged: dict[str, tuple[float, int]] = {}  # reason -> (last warning, rejected since)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -200,8 +202,16 @@ class Monitor:
         letter = DeadLetter.of(error, record.topic, record.partition, record.offset, record.key, record.value)
         self.outbox.send(self.settings.dlq_topic, record.key, letter.to_bytes(), letter.headers())
         self.metrics.dead_letters.inc()
-        log.warning("record rejected to the dead-letter topic", extra={
-            "reason": error.reason, "detail": error.detail[:200], "partition": record.partition, "offset": record.offset})
+        # A burst of bad records must not flood the log: one warning per reason every 10 s.
+        last, since = self._reject_logged.get(error.reason, (0.0, 0))
+        fields = {"reason": error.reason, "detail": error.detail[:200], "partition": record.partition,
+                  "offset": record.offset}
+        if time.monotonic() - last >= REJECT_LOG_INTERVAL_S:
+            log.warning("record rejected to the dead-letter topic", extra={**fields, "rejected_since_last_log": since + 1})
+            self._reject_logged[error.reason] = (time.monotonic(), 0)
+        else:
+            log.debug("record rejected to the dead-letter topic", extra=fields)
+            self._reject_logged[error.reason] = (last, since + 1)
 
     # -- scoring and alerts --------------------------------------------------------------------
 
