@@ -1,0 +1,19 @@
+"""The shared fixtures other suites rely on: a small trained model and the split data set."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from monitor.scoring import Scorer
+
+
+def test_trained_model_separates_anomalous_beats(trained_model, ecg_dataset):
+    scorer = Scorer.from_file(trained_model, device="cpu")
+    test = ecg_dataset.test
+    errors = scorer.score(test.windows)
+    assert roc_auc_score(test.anomalous, errors) >= 0.95
+    # Most anomalous beats alert, few normal ones do.
+    assert scorer.is_anomalous(errors[test.anomalous]).mean() >= 0.8
+    assert scorer.is_anomalous(errors[test.normal]).mean() <= 0.05
+    assert np.median(errors[test.anomalous]) > scorer.threshold

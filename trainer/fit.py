@@ -1,0 +1,107 @@
+"""The training loop: L1 loss, Adam, early stopping on validation loss, best weights kept.
+
+Seeded and deterministic on CPU: the same seed, data and settings give the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from monitor.model import LSTMAutoencoder, ModelConfig
+
+
+@dataclass
+class FitResult:
+    state_dict: dict[str, torch.Tensor]  # weights of the best validation epoch
+    best_epoch: int  # 1-based
+    best_val_loss: float
+    history: list[dict[str, float]] = field(default_factory=list)  # epoch, train_loss, val_loss, seconds
+    fit_seconds: float = 0.0
+    stop_reason: str = "epochs"  # "epochs", "early_stopping" or "time_limit"
+
+
+@contextmanager
+def deterministic(seed: int, threads: int | None) -> Iterator[None]:
+    """Seed torch and ask for deterministic kernels for the duration; restore afterwards."""
+    previous_mode = torch.are_deterministic_algorithms_enabled()
+    previous_threads = torch.get_num_threads()
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous_mode)
+        torch.set_num_threads(previous_threads)
+
+
+def l1_loss(model: nn.Module, x: torch.Tensor, batch_size: int) -> float:
+    """Mean absolute reconstruction error over x, evaluated in batches."""
+    model.eval()
+    total = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            batch = x[start:start + batch_size]
+            total += (model(batch) - batch).abs().mean().item() * len(batch)
+    return total / len(x)
+
+
+def train_autoencoder(train: np.ndarray, val: np.ndarray, config: ModelConfig, *, epochs: int = 40,
+                      batch_size: int = 32, lr: float = 1e-3, patience: int = 8, seed: int = 42,
+                      grad_clip: float | None = 1.0, device: str = "cpu", threads: int | None = 1,
+                      max_seconds: float | None = None,
+                      progress: bool = True) -> FitResult:
+    """Fit on `train` (normalised float32 windows), select on `val`; returns the best weights."""
+    device_ = torch.device(device)
+    with deterministic(seed, threads):
+        model = LSTMAutoencoder(config).to(device_)
+        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+        loss_fn = nn.L1Loss()
+        x_train = torch.as_tensor(train, dtype=torch.float32, device=device_)
+        x_val = torch.as_tensor(val, dtype=torch.float32, device=device_)
+        order = torch.Generator().manual_seed(seed)  # batch order, independent of init
+        result = FitResult(copy.deepcopy(model.state_dict()), 0, float("inf"))
+        started = time.perf_counter()
+        bar = tqdm(range(1, epochs + 1), desc="fit", unit="epoch", disable=not progress, dynamic_ncols=True)
+        for epoch in bar:
+            epoch_start = time.perf_counter()
+            model.train()
+            total = 0.0
+            for rows in torch.randperm(len(x_train), generator=order).split(batch_size):
+                batch = x_train[rows.to(device_)]
+                loss = loss_fn(model(batch), batch)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip:  # LSTMs occasionally spike; clipping keeps a large lr stable
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimiser.step()
+                total += loss.item() * len(batch)
+            train_loss = total / len(x_train)
+            val_loss = l1_loss(model, x_val, max(batch_size, 256))
+            result.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                                   "seconds": time.perf_counter() - epoch_start})
+            if val_loss < result.best_val_loss:
+                result.best_val_loss, result.best_epoch = val_loss, epoch
+                result.state_dict = copy.deepcopy(model.state_dict())
+            bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}",
+                            best=f"{result.best_val_loss:.4f}@{result.best_epoch}")
+            if epoch - result.best_epoch >= patience:
+                result.stop_reason = "early_stopping"
+                break
+            if max_seconds is not None and time.perf_counter() - started > max_seconds:
+                result.stop_reason = "time_limit"
+                break
+        bar.close()
+        result.fit_seconds = time.perf_counter() - started
+        result.state_dict = {k: v.detach().cpu() for k, v in result.state_dict.items()}
+    return result
