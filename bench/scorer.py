@@ -120,15 +120,16 @@ class TunedScorer(Scorer):
             torch.set_num_threads(previous)
 
 
-def optimisations(device: torch.device) -> dict[str, tuple[dict, dict]]:
-    """name -> (options off, options on) for TunedScorer. Each is compared with its own 'off'."""
+def optimisations(device: torch.device, quick: bool = False) -> dict[str, tuple[dict, dict]]:
+    """name -> (options off, options on) for TunedScorer. Each is compared with its own 'off'.
+    Quick runs try one thread count only (more threads than free cores can take minutes)."""
     default_threads = torch.get_num_threads()
     cores = os.cpu_count() or 1
     candidates: dict[str, tuple[dict, dict]] = {
         "inference_mode (vs no_grad)": ({"no_grad": True}, {}),
     }
-    for n in sorted({1, 2, 4, cores // 2, cores}):
-        if 1 <= n <= cores and n != default_threads:
+    for n in [1] if quick else sorted({1, 2, 4, cores // 2, cores}):
+        if 1 <= n <= cores and (n != default_threads or quick):
             candidates[f"threads={n} (vs {default_threads})"] = ({}, {"threads": n})
     if device.type == "cuda":
         candidates["autocast fp16"] = ({}, {"autocast": torch.float16})
@@ -205,7 +206,7 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def compare_optimisations(device: str, sizes: Sizes, evaluation: Evaluation | None) -> list[dict]:
+def compare_optimisations(device: str, sizes: Sizes, evaluation: Evaluation | None, quick: bool = False) -> list[dict]:
     """Each candidate against its own 'off' setting, on both models, at sizes.opt_batch.
     With an evaluation set, also the AUROC of the trained model with the candidate on."""
     results = []
@@ -213,7 +214,7 @@ def compare_optimisations(device: str, sizes: Sizes, evaluation: Evaluation | No
     if evaluation is not None:
         base_auroc = auroc(Scorer(evaluation.artefact, device=device, max_batch=sizes.opt_batch)
                            .score(evaluation.windows), evaluation.labels)
-    for opt_name, (off, on) in optimisations(torch.device(device)).items():
+    for opt_name, (off, on) in optimisations(torch.device(device), quick).items():
         row: dict = {"optimisation": opt_name, "models": {}}
         try:
             for model_name, config in MODELS.items():
@@ -268,7 +269,7 @@ def run(device: str, quick: bool, evaluation: Evaluation | None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "sizes": sizes.__dict__,
         "sweeps": sweeps,
-        "optimisations": compare_optimisations(str(resolved), sizes, evaluation),
+        "optimisations": compare_optimisations(str(resolved), sizes, evaluation, quick),
         "evaluation": None if evaluation is None else {
             "source": evaluation.source, "windows": int(len(evaluation.windows)),
             "anomalous": int(evaluation.labels.sum()),

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import tally
-from monitor.artefact import FORMAT_NAME, Artefact, ArtefactError, _checksum
+from monitor.artefact import Artefact, ArtefactError, _checksum
 from monitor.model import LSTMAutoencoder, ModelConfig
 
 pytestmark = pytest.mark.reliability

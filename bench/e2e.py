@@ -1,0 +1,335 @@
+"""End-to-end benchmark: the daemon (`python -m monitor run`, a subprocess) against the real
+broker (Tansu), fed by the replayer and a paced producer.
+
+1. Raw scorer: windows/s of `Scorer.score` at the daemon's max batch, in this process.
+2. Maximum sustained rate: a backlog of ECG streams from many sensors is produced before the
+   daemon starts; the daemon drains it; the rate is the slope of `windows_scored_total`
+   between 10% and 90% of the backlog (start-up and tail excluded).
+3. Latency at 25/50/75% of that maximum: real-time sensors (140 Hz, 35-sample records, starts
+   staggered over one window so windows do not all complete at once); one sensor = one
+   window/s. Latency of a window = Kafka timestamp of its score record (set when the daemon
+   hands it to its producer, right after scoring) minus the production time of the window's
+   last record. The scores topic is read after each phase, so reading costs nothing during it.
+4. Memory: partial windows from new sensors until 10k sensors are live; RSS from /proc and
+   the per-sensor slope between two sensor counts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.timing import percentile, rate
+from monitor.artefact import Artefact
+from monitor.broker import EmbeddedBroker, free_port
+from monitor.replay import BeatPool, build_ecg_streams, load_beat_pool, make_producer, replay
+from monitor.scoring import Scorer
+from monitor.wire import ScoreRecord, encode_input
+
+REPO = Path(__file__).resolve().parents[1]
+FS = 140.0
+CHUNK = 35  # samples per input record: 0.25 s at 140 Hz, four records per 140-sample window
+MAX_BATCH = 512  # the daemon's default MONITOR_MAX_BATCH
+LOADS = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    partitions: int
+    backlog_sensors: int
+    backlog_beats: int        # windows per backlog sensor
+    phase_seconds: float      # length of each latency phase
+    memory_sensors: tuple[int, int]  # live-sensor counts for the RSS slope; the second is "10k"
+    raw_seconds: float
+
+    @classmethod
+    def for_run(cls, quick: bool) -> "Sizes":
+        if quick:
+            return cls(partitions=2, backlog_sensors=10, backlog_beats=12, phase_seconds=3.0,
+                       memory_sensors=(100, 200), raw_seconds=0.2)
+        return cls(partitions=8, backlog_sensors=1000, backlog_beats=30, phase_seconds=30.0,
+                   memory_sensors=(5000, 10_000), raw_seconds=3.0)
+
+
+class Daemon:
+    """`python -m monitor run` as a subprocess, with its /metrics and /proc RSS."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = int(env["MONITOR_METRICS_PORT"])
+        self.log = open(log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "monitor", "run"], cwd=REPO,
+                                        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled samples by name (labelled ones summed), e.g. 'ecg_monitor_windows_scored_total'."""
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(self.get("/metrics")[1]):
+            for sample in family.samples:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        return values
+
+    def metric(self, name: str) -> float:
+        return self.metrics().get(name, 0.0)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the daemon exited with code {self.process.returncode}; see {self.log.name}")
+            try:
+                if self.get("/readyz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the daemon was not ready within {timeout_s} s; see {self.log.name}")
+
+    def wait_metric(self, name: str, at_least: float, timeout_s: float) -> float:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = self.metric(name)
+            if value >= at_least or time.monotonic() > deadline:
+                return value
+            time.sleep(0.2)
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("VmRSS not found")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+
+def raw_scorer_rate(artefact: Artefact, device: str, seconds: float) -> float:
+    scorer = Scorer(artefact, device=device, max_batch=MAX_BATCH)
+    windows = np.random.default_rng(0).normal(size=(MAX_BATCH, artefact.window_length)).astype(np.float32)
+    scorer.score(windows)
+    return rate(lambda: scorer.score(windows), MAX_BATCH, seconds)
+
+
+def measure_drain(daemon: Daemon, total: int, timeout_s: float) -> dict:
+    """Poll windows_scored_total until the backlog is scored; the slope between 10% and 90%."""
+    samples: list[tuple[float, float]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        samples.append((time.monotonic(), daemon.metric("ecg_monitor_windows_scored_total")))
+        if samples[-1][1] >= total:
+            break
+        time.sleep(0.25)
+    scored = samples[-1][1]
+    inside = [s for s in samples if 0.1 * total <= s[1] <= 0.9 * total]
+    if len(inside) >= 3:  # enough polls for the steady part alone
+        (t0, n0), (t1, n1) = inside[0], inside[-1]
+        basis = "10% to 90% of the backlog"
+    else:  # a small backlog: from readiness to the end
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        basis = "whole backlog"
+    return {"windows": total, "scored": int(scored), "seconds": round(t1 - t0, 3), "basis": basis,
+            "windows_per_s": (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")}
+
+
+def paced_produce(producer, topic: str, pool: BeatPool, sensors: int, seconds: float, prefix: str,
+                  seed: int) -> dict[tuple[str, int], float]:
+    """Real-time sensors (140 Hz, 35-sample records) for `seconds`; sensor i starts i/N of a
+    window late, so window completions spread evenly over time. Returns (sensor, end_seq) -> ts."""
+    streams = build_ecg_streams(pool, sensors=sensors, anomalous_fraction=0.25, beats_per_sensor=30,
+                                seed=seed, prefix=prefix)
+    keys = [s.sensor_id.encode() for s in streams]
+    interval = CHUNK / FS
+    window_period = pool.normal.shape[1] / FS
+    due = [(window_period * i / sensors, i, 0) for i in range(sensors)]
+    heapq.heapify(due)
+    produced: dict[tuple[str, int], float] = {}
+    start = time.monotonic()
+    while due:
+        at, i, seq = heapq.heappop(due)
+        if at >= seconds:
+            continue
+        delay = start + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        stream = streams[i]
+        ts = time.time()
+        producer.send(topic, key=keys[i], value=encode_input(stream.sensor_id, seq,
+                                                             stream.chunk(seq, CHUNK, True).tolist(), ts=ts, fs=FS))
+        produced[(stream.sensor_id, seq + CHUNK)] = ts
+        heapq.heappush(due, (at + interval, i, seq + CHUNK))
+    producer.flush()
+    return produced
+
+
+def read_scores(bootstrap: str, topic: str, prefix: str, expected: int, timeout_s: float) -> dict[tuple[str, int], float]:
+    """(sensor, window_end_seq) -> Kafka timestamp (s) of the first score record of each window
+    of sensors whose id starts with `prefix`."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=1000)
+    found: dict[tuple[str, int], float] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(found) < expected and time.monotonic() < deadline:
+            for message in consumer:
+                if message.key and message.key.decode().startswith(prefix):
+                    score = ScoreRecord.model_validate_json(message.value)
+                    found.setdefault((score.sensor_id, score.window_end_seq), message.timestamp / 1000)
+                if len(found) >= expected:
+                    break
+    finally:
+        consumer.close()
+    return found
+
+
+def latency_phase(daemon: Daemon, bootstrap: str, topics: dict, pool: BeatPool, load: float,
+                  max_rate: float, seconds: float) -> dict:
+    sensors = max(1, int(round(load * max_rate)))  # a 140 Hz sensor completes one window per second
+    prefix = f"lat{int(load * 100)}-"
+    producer = make_producer(bootstrap)
+    started = time.monotonic()
+    produced = paced_produce(producer, topics["input"], pool, sensors, seconds, prefix, seed=int(load * 100))
+    production_s = time.monotonic() - started
+    producer.close()
+    length = pool.normal.shape[1]
+    expected = {key: ts for key, ts in produced.items() if key[1] % length == 0}
+    scored = read_scores(bootstrap, topics["scores"], prefix, len(expected), timeout_s=60 + seconds)
+    latencies = [scored[key] - ts for key, ts in expected.items() if key in scored]
+    return {
+        "load": load,
+        "sensors": sensors,
+        "target_windows_per_s": round(load * max_rate, 1),
+        "achieved_windows_per_s": round(len(expected) / production_s, 1),
+        "windows": len(expected),
+        "windows_scored": len(latencies),
+        "p50_ms": round(1000 * percentile(latencies, 50), 1),
+        "p99_ms": round(1000 * percentile(latencies, 99), 1),
+        "max_ms": round(1000 * max(latencies), 1) if latencies else float("nan"),
+    }
+
+
+def memory_phase(daemon: Daemon, bootstrap: str, topic: str, targets: tuple[int, ...]) -> dict:
+    """Add sensors holding half a window each until `targets` sensors are live; RSS at each."""
+    producer = make_producer(bootstrap)
+    points = []
+    records = daemon.metric("ecg_monitor_records_total")
+    added = 0
+    values = [0.0] * CHUNK
+    for target in targets:
+        live = int(daemon.metric("ecg_monitor_active_sensors"))
+        for i in range(added, added + max(0, target - live)):
+            sensor = f"mem-{i:06d}"
+            for seq in (0, CHUNK):  # 70 samples: half a window stays buffered
+                producer.send(topic, key=sensor.encode(), value=encode_input(sensor, seq, values))
+                records += 1
+        added += max(0, target - live)
+        producer.flush()
+        daemon.wait_metric("ecg_monitor_records_total", records, timeout_s=120)
+        time.sleep(2.5)  # the active-sensor gauge is refreshed by once-a-second housekeeping
+        points.append({"active_sensors": int(daemon.metric("ecg_monitor_active_sensors")),
+                       "rss_bytes": daemon.rss_bytes()})
+    producer.close()
+    (a, b) = points[0], points[-1]
+    slope = (b["rss_bytes"] - a["rss_bytes"]) / max(1, b["active_sensors"] - a["active_sensors"])
+    return {"points": points, "bytes_per_sensor": round(slope, 1),
+            "rss_mib_at_last": round(b["rss_bytes"] / 2**20, 1), "active_sensors_at_last": b["active_sensors"]}
+
+
+def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: Path | None = None,
+        threads: int | None = None) -> dict:
+    sizes = Sizes.for_run(quick)
+    work = Path(work_dir or tempfile.mkdtemp(prefix="ecg-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        from bench.scorer import untrained_artefact
+        from monitor.model import ModelConfig
+
+        model = untrained_artefact(ModelConfig()).save(work / "untrained.pt")
+    artefact = Artefact.load(model)
+    pool = load_beat_pool(data_dir)
+    raw_before = raw_scorer_rate(artefact, device, sizes.raw_seconds)
+
+    topics = {"input": "bench.samples", "alerts": "bench.alerts", "dlq": "bench.dlq", "scores": "bench.scores"}
+    with EmbeddedBroker(log_path=work / "tansu.log") as broker:
+        broker.create_topics({topics["input"]: sizes.partitions, topics["alerts"]: sizes.partitions,
+                              topics["dlq"]: 1, topics["scores"]: sizes.partitions})
+        streams = build_ecg_streams(pool, sensors=sizes.backlog_sensors, beats_per_sensor=sizes.backlog_beats,
+                                    prefix="backlog-")
+        backlog = sum(len(s) // artefact.window_length for s in streams)
+        produced = replay(broker.bootstrap, topics["input"], streams, rate="max", samples_per_message=CHUNK)
+
+        env = {"MONITOR_BOOTSTRAP_SERVERS": broker.bootstrap, "MONITOR_INPUT_TOPIC": topics["input"],
+               "MONITOR_ALERTS_TOPIC": topics["alerts"], "MONITOR_DLQ_TOPIC": topics["dlq"],
+               "MONITOR_SCORES_TOPIC": topics["scores"], "MONITOR_GROUP_ID": "bench",
+               "MONITOR_MODEL_PATH": str(model), "MONITOR_DEVICE": device,
+               "MONITOR_METRICS_HOST": "127.0.0.1", "MONITOR_METRICS_PORT": str(free_port()),
+               "MONITOR_MAX_BATCH": str(MAX_BATCH), "MONITOR_SENSOR_IDLE_TIMEOUT_S": "7200",
+               "MONITOR_LOG_LEVEL": "WARNING", **({"MONITOR_TORCH_THREADS": str(threads)} if threads else {})}
+        daemon = Daemon(env, work / "daemon.log")
+        try:
+            daemon.wait_ready()
+            drain = measure_drain(daemon, backlog, timeout_s=600)
+            max_rate = drain["windows_per_s"]
+            raw_after = raw_scorer_rate(artefact, device, sizes.raw_seconds)
+            latency = [latency_phase(daemon, broker.bootstrap, topics, pool, load, max_rate, sizes.phase_seconds)
+                       for load in LOADS]
+            memory = memory_phase(daemon, broker.bootstrap, topics["input"], sizes.memory_sensors)
+            metrics = daemon.metrics()
+        finally:
+            exit_code = daemon.stop()
+    raw = (raw_before + raw_after) / 2
+    return {
+        "device": device,
+        "model_version": artefact.model_version,
+        "model_config": artefact.config.to_dict(),
+        "partitions": sizes.partitions,
+        "torch_threads": threads or "default",
+        "max_batch": MAX_BATCH,
+        "backlog": {"sensors": sizes.backlog_sensors, "records": produced.records, "windows": backlog},
+        "raw_scorer_windows_per_s": raw,
+        "raw_scorer_before_after": [raw_before, raw_after],
+        "drain": drain,
+        "max_windows_per_s": max_rate,
+        "ratio_to_raw_scorer": max_rate / raw,
+        "latency": latency,
+        "memory": memory,
+        "daemon": {"exit_code": exit_code,
+                   "invalid_records": metrics.get("ecg_monitor_invalid_records_total", 0.0),
+                   "kafka_errors": metrics.get("ecg_monitor_kafka_errors_total", 0.0),
+                   "windows_scored": metrics.get("ecg_monitor_windows_scored_total", 0.0)},
+        "work_dir": str(work),
+    }
+
+
+if __name__ == "__main__":  # python -m bench.e2e: a quick look without the rest
+    print(json.dumps(run(quick=True, device="cpu", model=None,
+                         data_dir=REPO.parent / "shared" / "data" / "ECG5000"), indent=2))

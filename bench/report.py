@@ -1,0 +1,127 @@
+"""Results as Markdown tables, ready to paste into the README."""
+
+from __future__ import annotations
+
+import math
+
+
+def _n(value, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def scorer_tables(result: dict) -> list[str]:
+    lines = [f"### Scorer ({result['device']}, torch threads {result['torch_threads']})", ""]
+    batches = [row["batch"] for row in result["sweeps"][0]["batched"]]
+    lines.append("| model | parameters | per-window loop | " + " | ".join(f"batch {b}" for b in batches)
+                 + " | best / loop |")
+    lines.append("| --- | ---: | ---: | " + " | ".join("---:" for _ in batches) + " | ---: |")
+    for sweep in result["sweeps"]:
+        c = sweep["config"]
+        name = f"{sweep['model']} (emb {c['embedding_dim']}, hidden {c['hidden_dim']})"
+        cells = [f"{_n(row['windows_per_s'])} ({row['ratio_to_loop']:.1f}x)" for row in sweep["batched"]]
+        lines.append(f"| {name} | {sweep['parameters']:,} | {_n(sweep['loop_windows_per_s'])} | "
+                     + " | ".join(cells) + f" | **{sweep['best_ratio_to_loop']:.1f}x** |")
+    lines += ["", "Windows/s (and ratio to the per-window loop, measured in alternating turns in the same run).",
+              "Per-window loop = batch 1, `no_grad`, one `.item()` per window, the seed tutorial's way; "
+              f"its errors equal the batched scorer's: {all(s['loop_matches_batched'] for s in result['sweeps'])}.", ""]
+
+    rule = result["rule"]
+    evaluation = result.get("evaluation")
+    lines.append(f"Optimisations at batch {result['sizes']['opt_batch']}, each against its own 'off' setting "
+                 f"(kept if >= {rule['min_speedup']:.2f}x on the default model and |AUROC delta| <= "
+                 f"{rule['max_auroc_delta']}):")
+    lines.append("")
+    if evaluation:
+        lines.append(f"AUROC on {evaluation['source']} ({evaluation['windows']:,} windows, "
+                     f"{evaluation['anomalous']:,} anomalous), model `{evaluation['model_version']}`.")
+        lines.append("")
+    lines.append("| optimisation | speed-up default | speed-up reference | AUROC off | AUROC on | delta | kept |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for row in result["optimisations"]:
+        if "error" in row:
+            lines.append(f"| {row['optimisation']} | failed: {row['error'][:90]} | | | | | no |")
+            continue
+        models = row["models"]
+        kept = {True: "**yes**", False: "no", None: "not checked"}[row["kept"]]
+        lines.append(f"| {row['optimisation']} | {models['default']['ratio']:.2f}x | {models['reference']['ratio']:.2f}x | "
+                     f"{_n(row.get('auroc_off'), 4)} | {_n(row.get('auroc_on'), 4)} | "
+                     f"{_n(row.get('auroc_delta'), 4)} | {kept} |")
+    lines.append("")
+    return lines
+
+
+def e2e_tables(result: dict) -> list[str]:
+    memory = result["memory"]
+    lines = [f"### End to end ({result['device']}, {result['partitions']} partitions, max batch {result['max_batch']})", ""]
+    lines.append("| figure | value |")
+    lines.append("| --- | ---: |")
+    lines.append(f"| raw batched scorer (same model, batch {result['max_batch']}) | {_n(result['raw_scorer_windows_per_s'])} windows/s |")
+    lines.append(f"| daemon, maximum sustained ({result['backlog']['sensors']:,} sensors, "
+                 f"{result['backlog']['windows']:,}-window backlog) | {_n(result['max_windows_per_s'])} windows/s |")
+    lines.append(f"| daemon / raw scorer | **{result['ratio_to_raw_scorer']:.0%}** |")
+    lines.append(f"| RSS at {memory['active_sensors_at_last']:,} live sensors | {memory['rss_mib_at_last']:,.1f} MiB |")
+    lines.append(f"| memory per live sensor (RSS slope) | {_n(memory['bytes_per_sensor'])} bytes |")
+    lines.append("")
+    lines.append("| load | sensors (140 Hz) | target windows/s | achieved | windows | scored | p50 | p99 | max |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in result["latency"]:
+        lines.append(f"| {row['load']:.0%} | {row['sensors']:,} | {_n(row['target_windows_per_s'])} | "
+                     f"{_n(row['achieved_windows_per_s'])} | {row['windows']:,} | {row['windows_scored']:,} | "
+                     f"{_n(row['p50_ms'])} ms | {_n(row['p99_ms'])} ms | {_n(row['max_ms'])} ms |")
+    lines.append("")
+    return lines
+
+
+def reliability_tables(result: dict) -> list[str]:
+    lines = ["### Reliability suite", "",
+             f"`{result['command']}`: exit code {result['exit_code']}, {result['summary']}", "",
+             "| test | records tried | faults injected | windows expected | windows lost |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for test, figures in result["tests"].items():
+        lines.append(f"| {test} | {figures.get('records_tried', 0):,} | {figures.get('faults_injected', 0):,} | "
+                     f"{figures.get('windows_expected', 0):,} | {figures.get('windows_lost', 0):,} |")
+    t = result["totals"]
+    lines.append(f"| **total** | **{t.get('records_tried', 0):,}** | **{t.get('faults_injected', 0):,}** | "
+                 f"**{t.get('windows_expected', 0):,}** | **{t.get('windows_lost', 0):,}** |")
+    lines.append("")
+    return lines
+
+
+def targets(results: dict) -> list[str]:
+    lines = ["### Targets", "", "| target | reached | met |", "| --- | ---: | --- |"]
+    if "scorer" in results:
+        default = next(s for s in results["scorer"]["sweeps"] if s["model"] == "default")
+        reference = next(s for s in results["scorer"]["sweeps"] if s["model"] == "reference")
+        for sweep in (default, reference):
+            lines.append(f"| batched scorer >= 20x per-window loop ({sweep['model']} model) | "
+                         f"{sweep['best_ratio_to_loop']:.1f}x | {'yes' if sweep['best_ratio_to_loop'] >= 20 else 'no'} |")
+    if "e2e" in results:
+        e2e = results["e2e"]
+        lines.append(f"| end to end >= 50% of raw batched scorer | {e2e['ratio_to_raw_scorer']:.0%} | "
+                     f"{'yes' if e2e['ratio_to_raw_scorer'] >= 0.5 else 'no'} |")
+        half = next((row for row in e2e["latency"] if row["load"] == 0.5), None)
+        if half:
+            lines.append(f"| p99 <= 250 ms at 50% load | {_n(half['p99_ms'])} ms | "
+                         f"{'yes' if half['p99_ms'] <= 250 else 'no'} |")
+    if "reliability" in results:
+        lost = results["reliability"]["totals"].get("windows_lost", 0)
+        lines.append(f"| no window lost under faults | {lost} lost | {'yes' if lost == 0 and results['reliability']['exit_code'] == 0 else 'no'} |")
+    lines.append("")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [f"## Benchmark results ({meta['device']}{', quick' if meta['quick'] else ''})", "",
+             f"{meta['when']}; {meta['cpu']}, {meta['cores']} cores, load average {meta['loadavg']} at start; "
+             f"torch {meta['torch']}, python {meta['python']}. Command: `{meta['command']}`.", ""]
+    lines += targets(results)
+    if "scorer" in results:
+        lines += scorer_tables(results["scorer"])
+    if "e2e" in results:
+        lines += e2e_tables(results["e2e"])
+    if "reliability" in results:
+        lines += reliability_tables(results["reliability"])
+    return "\n".join(lines) + "\n"

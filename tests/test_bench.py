@@ -1,0 +1,75 @@
+"""Smoke test of the benchmark code paths (`python -m bench --quick`): tiny sizes, real scorer,
+real broker and daemon; checks the structure of what is written, never the timings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import tally
+from bench.__main__ import main as bench_main
+from bench.scorer import MODELS, untrained_artefact
+from monitor.model import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return untrained_artefact(ModelConfig()).save(tmp_path_factory.mktemp("bench") / "model.pt")
+
+
+def _run(parts: str, model, ecg_data_dir, out) -> tuple[dict, str]:
+    code = bench_main(["--quick", "--only", parts, "--model", str(model), "--data", str(ecg_data_dir),
+                       "--out", str(out), "--threads", "1", "--device", "cpu"])
+    assert code == 0
+    return json.loads((out / "quick-cpu.json").read_text()), (out / "quick-cpu.md").read_text()
+
+
+def test_quick_scorer_benchmark_writes_every_figure(model, ecg_data_dir, tmp_path):
+    results, text = _run("scorer", model, ecg_data_dir, tmp_path)
+    scorer = results["scorer"]
+    assert [s["model"] for s in scorer["sweeps"]] == list(MODELS)
+    for sweep in scorer["sweeps"]:
+        assert sweep["loop_matches_batched"]  # the per-window loop and the scorer give the same errors
+        assert [row["batch"] for row in sweep["batched"]] == list(scorer["sizes"]["batch_sizes"])
+        assert all(row["windows_per_s"] > 0 and row["ratio_to_loop"] > 0 for row in sweep["batched"])
+    names = [row["optimisation"] for row in scorer["optimisations"]]
+    assert {"inference_mode (vs no_grad)", "torch.compile", "dynamic int8 (LSTM+Linear)"} <= set(names)
+    for row in scorer["optimisations"]:
+        assert row["kept"] in (True, False, None)
+        if "error" not in row:
+            assert set(row["models"]) == set(MODELS)
+            assert 0.0 <= row["auroc_on"] <= 1.0 and math.isclose(row["auroc_delta"], row["auroc_on"] - row["auroc_off"])
+    assert scorer["evaluation"]["windows"] > 0
+    assert "| default (emb 32, hidden 64) |" in text and "| optimisation |" in text
+    assert "batched scorer >= 20x per-window loop (default model)" in text
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_quick_end_to_end_benchmark_runs_the_daemon_against_the_broker(model, ecg_data_dir, tmp_path):
+    results, text = _run("e2e", model, ecg_data_dir, tmp_path)
+    e2e = results["e2e"]
+    assert e2e["drain"]["scored"] == e2e["backlog"]["windows"] > 0
+    assert e2e["max_windows_per_s"] > 0 and e2e["ratio_to_raw_scorer"] > 0
+    assert [row["load"] for row in e2e["latency"]] == [0.25, 0.5, 0.75]
+    for row in e2e["latency"]:
+        assert row["windows"] > 0 and row["windows_scored"] == row["windows"]
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert e2e["memory"]["active_sensors_at_last"] >= 200 and e2e["memory"]["rss_mib_at_last"] > 0
+    assert e2e["daemon"]["exit_code"] == 0 and e2e["daemon"]["kafka_errors"] == 0
+    assert "| daemon / raw scorer |" in text and "| 50% |" in text
+
+
+def test_the_reliability_tally_sums_figures_per_test(tmp_path, monkeypatch):
+    path = tmp_path / "tally.jsonl"
+    tally.record("not written without the env var", records_tried=5)
+    assert not path.exists()
+    monkeypatch.setenv(tally.ENV, str(path))
+    tally.record("a", records_tried=3, windows_lost=0)
+    tally.record("a", records_tried=4, faults_injected=1)
+    tally.record("b", records_tried=10, windows_lost=2)
+    summary = tally.summarise(path)
+    assert summary["tests"]["a"] == {"records_tried": 7, "windows_lost": 0, "faults_injected": 1}
+    assert summary["totals"] == {"records_tried": 17, "windows_lost": 2, "faults_injected": 1}
