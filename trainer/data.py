@@ -7,6 +7,7 @@ digest of the parsed values, so the same data in any layout has the same digest.
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,9 @@ def load_ucr_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if suffix == ".arff":
             values, labels = _read_arff(path)
         else:
-            sep = "\t" if suffix == ".tsv" else r"\s+"
-            frame = pd.read_csv(path, sep=sep, header=None, dtype=float)
+            text = path.read_text(encoding="utf-8")
+            _check_field_counts(path, text, "\t" if suffix == ".tsv" else None)
+            frame = pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else r"\s+", header=None, dtype=float)
             labels, values = frame.iloc[:, 0].to_numpy(), frame.iloc[:, 1:].to_numpy()
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot parse ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
@@ -100,6 +102,19 @@ def load_ucr_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: no windows found")
     _check_finite(path, values)
     return values[:, :, None].astype(np.float64), _label_strings(path, labels)
+
+
+def _check_field_counts(path: Path, text: str, sep: str | None) -> None:
+    """Every line must have as many fields as the first (pandas would pad short rows with NaN)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"{path}: empty file, no windows found")
+    counts = np.array([len(ln.strip().split(sep)) for ln in lines])
+    expected = np.bincount(counts).argmax()  # the most common count
+    bad = np.flatnonzero(counts != expected)
+    if len(bad):
+        raise DataError(f"{path}: wrong column count: line {bad[0] + 1} has {counts[bad[0]]} fields, "
+                        f"expected {expected}")
 
 
 def _read_arff(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -84,7 +84,7 @@ def _fit_model(s: TrainerSettings, dataset: SplitData | None) -> FitOutcome:
                          embedding_dim=s.embedding_dim, hidden_dim=s.hidden_dim, num_layers=s.num_layers)
     fit = train_autoencoder(normalise.apply(norm, train.windows), normalise.apply(norm, val.windows[val.normal]),
                             config, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, patience=s.patience,
-                            grad_clip=s.grad_clip,
+                            lr_schedule=s.lr_schedule, grad_clip=s.grad_clip, forget_bias=s.forget_bias,
                             seed=s.seed, device=s.device if s.device != "auto" else _auto_device(),
                             threads=s.torch_threads, max_seconds=s.max_minutes * 60 if s.max_minutes else None,
                             progress=s.progress)

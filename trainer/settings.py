@@ -46,6 +46,9 @@ class TrainerSettings(BaseSettings):
     epochs: int = Field(40, ge=1, description="Most epochs to train")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="cosine: decay lr to 0 over epochs")
+    forget_bias: float | None = Field(3.0, description="Initial LSTM forget-gate bias (long memory from the "
+                                                       "start: much faster training); empty = PyTorch's init")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; empty = no clipping")
     patience: int = Field(8, ge=1, description="Stop after this many epochs without a better validation loss")
     max_minutes: float | None = Field(None, gt=0, description="Stop training after this long (best weights kept)")

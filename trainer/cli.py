@@ -1,0 +1,171 @@
+"""`ecg-trainer` / `python -m trainer`: fit, evaluate, info.
+
+Every TrainerSettings field is a flag of `fit` (`embedding_dim` -> `--embedding-dim`); flags
+override the environment (TRAINER_*) and `.env`, which override the defaults shown by --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from pydantic import ValidationError
+
+from monitor.artefact import Artefact, ArtefactError
+from trainer.data import DataError
+from trainer.settings import TrainerSettings
+
+#: Settings that `evaluate` accepts besides --model (the ones that say how to read the data).
+DATA_FIELDS = ("data", "cache_dir", "label_column", "normal_label", "n_features", "verify_digest", "limit",
+               "torch_threads")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        return _fail(f"invalid settings: {problems}")
+    except (DataError, ArtefactError, ValueError, RuntimeError, OSError) as exc:
+        return _fail(str(exc))
+
+
+def _fail(message: str) -> int:
+    print(f"ecg-trainer: error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecg-trainer", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{fit,evaluate,info}")
+    fit = sub.add_parser("fit", help="train, choose the threshold, evaluate on the held-out test set, save",
+                         description="Train on normal-train windows, choose the threshold on validation, "
+                                     "evaluate on the test set, write the artefact (and the report).")
+    for name in TrainerSettings.model_fields:
+        _add_setting(fit, name)
+    fit.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
+    fit.set_defaults(handler=cmd_fit)
+
+    evaluate = sub.add_parser("evaluate", help="re-evaluate an artefact on data",
+                              description="Score data with an artefact (through monitor.scoring.Scorer). The "
+                                          "data are split with the artefact's own seed and fractions, so "
+                                          "--subset test is the held-out test set of its training run.")
+    evaluate.add_argument("--model", type=Path, required=True, help="model artefact")
+    for name in DATA_FIELDS:
+        _add_setting(evaluate, name)
+    evaluate.add_argument("--subset", choices=("test", "val", "train", "all"), default="test",
+                          help="which windows to score (default: test)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    info = sub.add_parser("info", help="print an artefact's metadata as JSON")
+    info.add_argument("--model", type=Path, required=True, help="model artefact")
+    info.add_argument("--history", action="store_true", help="include the per-epoch loss history")
+    info.set_defaults(handler=cmd_info)
+    return parser
+
+
+def _add_setting(parser: argparse.ArgumentParser, name: str) -> None:
+    """One flag per settings field; unset flags stay out, so environment values still apply."""
+    field = TrainerSettings.model_fields[name]
+    kind, optional = _unwrap(field.annotation)
+    default = field.default
+    shown = "empty" if default is None else default
+    help_text = f"{field.description + ' ' if field.description else ''}(default: {shown}; env TRAINER_{name.upper()})"
+    options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is Literal:
+        options["choices"] = typing.get_args(kind)
+    else:
+        options["type"] = _parse_optional(kind) if optional else kind
+        options["metavar"] = {int: "N", float: "X", str: "TEXT"}.get(kind, "DIR" if "dir" in name else "PATH")
+    parser.add_argument(f"--{name.replace('_', '-')}", **options)
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """(X, True) for `X | None`, else (annotation, False)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("", "none") else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def _settings(args: argparse.Namespace) -> TrainerSettings:
+    given = {k: v for k, v in vars(args).items() if k in TrainerSettings.model_fields}
+    return TrainerSettings(**given)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from trainer.pipeline import fit_model
+
+    settings = _settings(args)
+    outcome = fit_model(settings)
+    report = outcome.report
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    t, training = report["test"], report["training"]
+    print(f"saved {outcome.path}  ({report['model_version']})")
+    print(f"threshold {report['threshold']['value']:.4f} ({report['threshold']['method']}); best epoch "
+          f"{training['best_epoch']} of {training['epochs_run']} ({training['stop_reason']}), "
+          f"fit {training['fit_seconds']:.1f} s")
+    print(_summary(t))
+    if settings.report_dir is not None:
+        print(f"report: {settings.report_dir}/report.md")
+    return 0
+
+
+def _summary(m: dict[str, Any]) -> str:
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    cm = m["confusion_matrix"]
+    rates = ", ".join(f"{label}: {row['rate']:.3f}" for label, row in m["per_class"].items())
+    return (f"test n={m['n']} ({m['n_anomalous']} anomalous): AUROC {f(m['auroc'])}  AP {f(m['average_precision'])}  "
+            f"precision {f(m['precision'])}  recall {f(m['recall'])}  F1 {f(m['f1'])}\n"
+            f"confusion tn={cm['tn']} fp={cm['fp']} fn={cm['fn']} tp={cm['tp']}; share flagged per class: {rates}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from trainer.pipeline import evaluate_artefact
+
+    given = {k: v for k, v in vars(args).items() if k in DATA_FIELDS}
+    result = evaluate_artefact(args.model, subset=args.subset, progress=False, **given)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"{args.model} ({result['model_version']}), subset {result['subset']}, threshold {result['threshold']:.4f}")
+        print(_summary(result))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    described = Artefact.load(args.model).describe()
+    if not args.history:
+        described.get("training", {}).pop("history", None)
+    print(json.dumps(described, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
