@@ -6,6 +6,7 @@ Tansu). Nothing here creates topics: operators own them.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -42,6 +43,10 @@ def make_consumer(settings: MonitorSettings, **overrides: Any) -> KafkaConsumer:
         # The broker answers a fetch as soon as there is data; this only bounds an idle fetch.
         # Kept short because some Kafka-protocol brokers hold every fetch this long.
         "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+        # kafka-python checks record CRCs in pure Python unless the `crc32c` C package is
+        # installed, and that costs more CPU than scoring. Without it, rely on the broker (which
+        # verifies CRCs on produce), TCP, and the JSON validation every record goes through.
+        "check_crcs": importlib.util.find_spec("crc32c") is not None,
     }
     config.update(overrides)
     return KafkaConsumer(**config)
