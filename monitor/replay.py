@@ -123,15 +123,20 @@ class BeatPool:
     anomalous_labels: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
-def load_beat_pool(data_dir: str | os.PathLike, heldout: bool = True) -> BeatPool:
-    """ECG5000 beats for streams. With `heldout`, normal beats come from the evaluation
-    protocol's normal-test split, so a model trained on normal-train never saw them."""
-    # TODO(issue 5): switch to trainer.data's loader and protocol split when it lands.
-    rows = np.concatenate([np.loadtxt(Path(data_dir) / f"ECG5000_{part}.txt") for part in ("TRAIN", "TEST")])
-    labels = rows[:, 0].astype(np.int64)
-    beats = rows[:, 1:]
+def load_beat_pool(data_dir: str | os.PathLike, heldout: bool = True, **split_options) -> BeatPool:
+    """ECG5000 beats, loaded and checked by the trainer's loader. With `heldout`, only the
+    evaluation protocol's test part (normal-test plus the anomalous beats), so a model trained
+    by the protocol never saw them; `split_options` (seed, val_fraction, test_fraction) go to
+    trainer.split.split and should match the model's (its artefact records them)."""
+    from trainer.data import load
+    from trainer.split import split
+
+    dataset = load(Path(data_dir))
+    part = split(dataset, **split_options).test if heldout else dataset
+    windows = part.windows[:, :, 0]  # Dataset and Part alike: (n, 140, 1)
+    labels = np.asarray(part.labels).astype(np.int64)
     is_anomalous = labels != NORMAL_CLASS
-    return BeatPool(normal=beats[~is_anomalous], anomalous=beats[is_anomalous],
+    return BeatPool(normal=windows[~is_anomalous], anomalous=windows[is_anomalous],
                     anomalous_labels=labels[is_anomalous])
 
 
@@ -141,14 +146,15 @@ def sensor_ids(sensors: int, prefix: str = "patient-") -> list[str]:
 
 
 def build_ecg_streams(data: str | os.PathLike | BeatPool, sensors: int = 20, anomalous_fraction: float = 0.25,
-                      beats_per_sensor: int = 60, seed: int = 0, run_length: tuple[int, int] = (3, 6),
+                      beats_per_sensor: int = 60, seed: int = 0, run_length: tuple[int, int] = (4, 6),
                       runs_per_sensor: int = 1, prefix: str = "patient-") -> list[SensorStream]:
     """Concatenated ECG5000 beats, one stream per sensor.
 
     round(sensors * anomalous_fraction) sensors (picked at random) each get `runs_per_sensor`
     runs of run_length[0]..run_length[1] consecutive anomalous beats, with at least two normal
     beats before and after each run (so an open alert can resolve in between); the rest get
-    only normal beats. Deterministic for a given seed and data.
+    only normal beats. Deterministic for a given seed and data. Runs of at least 4 beats let a
+    k=2-of-n=3 alert policy fire even when the model misses one anomalous beat in a run.
     """
     if sensors < 1:
         raise ValueError("sensors must be >= 1")
@@ -402,13 +408,18 @@ def build_streams(args: argparse.Namespace) -> list[SensorStream]:
                              seed=args.seed, runs_per_sensor=args.runs_per_sensor, prefix=args.sensor_prefix)
 
 
-def ensure_data(data: str | os.PathLike | None) -> Path:
-    """A directory holding ECG5000: the one given, else the trainer's download cache."""
+def ensure_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A directory holding ECG5000: the one given, else the trainer's download (into `cache_dir`,
+    default the trainer's cache, ~/.cache/ecg-monitor on Linux)."""
     if data:
         return Path(data)
-    from trainer import data as ecg
+    from trainer.data import download_ecg5000
 
-    return ecg.download_ecg5000()
+    if cache_dir is None:
+        import pooch
+
+        cache_dir = pooch.os_cache("ecg-monitor")
+    return download_ecg5000(Path(cache_dir))
 
 
 def producer_options() -> dict:

@@ -60,10 +60,21 @@ def test_anomalous_sensors_get_runs_of_anomalous_beats_and_the_others_only_norma
         assert len(stream.anomalous_ranges) == 2
         for start, end in stream.anomalous_ranges:
             assert start % BEAT_LENGTH == 0 and end % BEAT_LENGTH == 0  # windows line up with beats
-            assert 3 <= (end - start) // BEAT_LENGTH <= 6
+            assert 4 <= (end - start) // BEAT_LENGTH <= 6
             first, last = start // BEAT_LENGTH, end // BEAT_LENGTH
             assert is_normal[first - 2:first].all() and is_normal[last:last + 2].all()
         assert (~is_normal).sum() == sum(e - s for s, e in stream.anomalous_ranges) // BEAT_LENGTH
+
+
+def test_stream_beats_come_from_the_held_out_test_part_of_the_protocol_split(pool, ecg_data_dir):
+    from trainer.data import load
+    from trainer.split import split
+
+    parts = split(load(ecg_data_dir))
+    fitted_on = {row.tobytes() for row in np.concatenate([parts.train.windows, parts.val.windows])[:, :, 0]}
+    streams = build_ecg_streams(pool, sensors=10, anomalous_fraction=0.5, beats_per_sensor=30, seed=5)
+    beats = np.concatenate([s.values.reshape(-1, BEAT_LENGTH) for s in streams])
+    assert len(beats) == 300 and not any(beat.tobytes() in fitted_on for beat in beats)
 
 
 def test_streams_are_deterministic_per_seed(pool):
