@@ -185,7 +185,7 @@ def evaluate_artefact(model: Path, settings: TrainerSettings | None = None, subs
     `subset="test"` is the same held-out test set it was evaluated on at fit time."""
     artefact = Artefact.load(model)
     split_meta = artefact.metadata.get("data", {}).get("split", {})
-    for key in ("seed", "val_fraction", "test_fraction", "val_anomaly_fraction"):
+    for key in ("seed", "val_fraction", "test_fraction", "val_anomaly_fraction", "limit"):
         if key in split_meta and key not in overrides:
             overrides[key] = split_meta[key]
     if "normal_label" not in overrides and "normal_label" in artefact.metadata.get("data", {}):
