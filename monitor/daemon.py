@@ -84,6 +84,7 @@ class Monitor:
         self.policy = AlertPolicy(settings.alert_k, settings.alert_n, settings.resolve_m, settings.replay_max_windows)
         self.outbox = Outbox(producer, self._kafka_error)
         self.positions: dict[int, int] = {}  # partition -> next offset to process
+        self._resume: dict[int, int] = {}  # dropped partition -> offset to re-read from if it comes back
         self.committed: dict[int, int] = {}  # partition -> last offset this instance committed
         self.stop_requested = False
         self._backoff = Backoff()
@@ -316,7 +317,12 @@ class Monitor:
             self._score_batch()
         if self.outbox.flush(KAFKA_TIMEOUT_S):
             self._observe_latency()
-            self._commit(partitions=partitions)
+            # Rebalance callbacks run on kafka-python's IO thread, where a blocking commit raises
+            # RuntimeError; an async commit is enough (if it is lost, the next owner re-reads more).
+            offsets = {TopicPartition(self.settings.input_topic, p): OffsetAndMetadata(o, "", -1)
+                       for p, o in self.safe_offsets().items() if p in partitions and o > self.committed.get(p, -1)}
+            if offsets:
+                self.consumer.commit_async(offsets)
         self._drop(partitions)
 
     def _on_lost(self, lost: set[TopicPartition]) -> None:
@@ -326,12 +332,21 @@ class Monitor:
         self._drop(partitions)
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        # kafka-python keeps the fetch position of a partition that stays assigned across a
+        # rebalance, but _drop() threw away its buffered samples: re-read it from the offset below
+        # which everything was delivered, or those samples' windows would never be scored.
+        for tp in assigned:
+            if tp.topic == self.settings.input_topic and tp.partition in self._resume:
+                self.consumer.seek(tp, self._resume[tp.partition])
+        self._resume.clear()
         count = len(self.consumer.assignment())
         self.health.assigned = count
         self.metrics.assigned_partitions.set(count)
         log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
 
     def _drop(self, partitions: set[int]) -> None:
+        safe = self.safe_offsets()
+        self._resume.update({p: safe[p] for p in partitions if p in safe})
         self.windower.drop_partitions(partitions)
         self.batcher.drop_partitions(partitions)
         self.policy.drop_partitions(partitions)
