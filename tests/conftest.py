@@ -45,7 +45,9 @@ def topic_prefix() -> str:
 
 #: The small model of the `trained_model` fixture: ~35 s on one busy CPU thread, test AUROC ~0.99.
 TINY_MODEL = dict(embedding_dim=16, hidden_dim=32, epochs=8, batch_size=16, lr=3e-3, lr_schedule="cosine",
-                  forget_bias=3.0, patience=8, seed=42, torch_threads=1)
+                  forget_bias=3.0, patience=8, seed=42, torch_threads=1,
+                  grad_clip=1.0, normalisation="zscore", reduction="mean_abs",
+                  threshold_method="percentile", threshold_percentile=99.0)
 
 
 @pytest.fixture(scope="session")

@@ -43,14 +43,14 @@ class TrainerSettings(BaseSettings):
     num_layers: int = Field(1, ge=1)
 
     # Optimisation
-    epochs: int = Field(40, ge=1, description="Most epochs to train")
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    epochs: int = Field(50, ge=1, description="Most epochs to train")
+    batch_size: int = Field(16, ge=1, description="Windows per training step")
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="cosine: decay lr to 0 over epochs")
     forget_bias: float | None = Field(3.0, description="Initial LSTM forget-gate bias (long memory from the "
                                                        "start: much faster training); empty = PyTorch's init")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; empty = no clipping")
-    patience: int = Field(8, ge=1, description="Stop after this many epochs without a better validation loss")
+    patience: int = Field(10, ge=1, description="Stop after this many epochs without a better validation loss")
     max_minutes: float | None = Field(None, gt=0, description="Stop training after this long (best weights kept)")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     torch_threads: int | None = Field(1, ge=1, description="torch CPU threads; 1 is fastest for these small "
@@ -61,7 +61,7 @@ class TrainerSettings(BaseSettings):
                                                                "before scoring, in training and in the monitor")
     reduction: Literal["mean_abs", "sum_abs"] = "mean_abs"
     threshold_method: ThresholdMethod = "percentile"
-    threshold_percentile: float = Field(99.0, gt=0, lt=100, description="percentile: of validation normal errors")
+    threshold_percentile: float = Field(95.0, gt=0, lt=100, description="percentile: of validation normal errors")
     threshold_k: float = Field(3.0, gt=0, description="mean_std: threshold = mean + k * std")
     threshold_value: float | None = Field(None, gt=0, description="fixed: the threshold")
 
