@@ -323,6 +323,8 @@ class Monitor:
                        for p, o in self.safe_offsets().items() if p in partitions and o > self.committed.get(p, -1)}
             if offsets:
                 self.consumer.commit_async(offsets)
+        safe = self.safe_offsets()  # (after a lost membership kafka-python itself restarts from the commit)
+        self._resume.update({p: safe[p] for p in partitions if p in safe})
         self._drop(partitions)
 
     def _on_lost(self, lost: set[TopicPartition]) -> None:
@@ -345,8 +347,6 @@ class Monitor:
         log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
 
     def _drop(self, partitions: set[int]) -> None:
-        safe = self.safe_offsets()
-        self._resume.update({p: safe[p] for p in partitions if p in safe})
         self.windower.drop_partitions(partitions)
         self.batcher.drop_partitions(partitions)
         self.policy.drop_partitions(partitions)
