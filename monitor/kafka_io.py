@@ -60,6 +60,12 @@ def make_producer(settings: MonitorSettings, **overrides: Any) -> KafkaProducer:
         "acks": "all",
         "linger_ms": 5,
         "max_block_ms": PRODUCER_MAX_BLOCK_MS,
+        # Not idempotent: a broker that lost the producer's id (a restarted in-memory broker, a
+        # restored cluster) answers the epoch bump with an error kafka-python treats as fatal, and
+        # the producer never sends again. Duplicates are fine (delivery is at-least-once, ids are
+        # deterministic); one request in flight keeps each partition's records in order.
+        "enable_idempotence": False,
+        "max_in_flight_requests_per_connection": 1,
     }
     config.update(overrides)
     return KafkaProducer(**config)
