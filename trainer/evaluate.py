@@ -88,7 +88,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {row['name']} | {row['n']} | {row['flagged']} | {row['rate']:.4f} |")
     training = report.get("training", {})
     if training:
-        lines += ["", "## Training", "", f"- threshold: {report.get('threshold')}",
+        threshold = dict(report.get("threshold", {}))
+        value = threshold.pop("value", m["threshold"])
+        lines += ["", "## Training", "", f"- threshold {value:.4f}: " + ", ".join(f"{k} {v}" for k, v in threshold.items()),
                   f"- best epoch {training.get('best_epoch')} of {training.get('epochs_run')} "
                   f"({training.get('stop_reason')}), fit time {training.get('fit_seconds', 0):.1f} s"]
     return "\n".join(lines) + "\n"

@@ -30,19 +30,28 @@ class FitResult:
 
 
 @contextmanager
-def deterministic(seed: int, threads: int | None) -> Iterator[None]:
-    """Seed torch and ask for deterministic kernels for the duration; restore afterwards."""
-    previous_mode = torch.are_deterministic_algorithms_enabled()
-    previous_threads = torch.get_num_threads()
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run torch CPU ops on `threads` threads for the duration (None: leave as is)."""
+    previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         yield
     finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def deterministic(seed: int, threads: int | None) -> Iterator[None]:
+    """Seed torch and ask for deterministic kernels for the duration; restore afterwards."""
+    previous_mode = torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch_threads(threads):
+            yield
+    finally:
         torch.use_deterministic_algorithms(previous_mode)
-        torch.set_num_threads(previous_threads)
 
 
 def l1_loss(model: nn.Module, x: torch.Tensor, batch_size: int) -> float:
