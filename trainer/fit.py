@@ -78,8 +78,25 @@ def init_forget_bias(model: nn.Module, value: float) -> None:
                         param[h:2 * h] = value / 2  # bias_ih + bias_hh = value
 
 
-def train_autoencoder(train: np.ndarray, val: np.ndarray, config: ModelConfig, *, epochs: int = 40,
-                      batch_size: int = 32, lr: float = 1e-3, patience: int = 8, seed: int = 42,
+def train_one_epoch(model: nn.Module, optimiser: torch.optim.Optimizer, x: torch.Tensor, batch_size: int,
+                    order: torch.Generator, grad_clip: float | None) -> float:
+    """One pass over x in a seeded random order; returns the mean L1 training loss."""
+    model.train()
+    total = 0.0
+    for rows in torch.randperm(len(x), generator=order).split(batch_size):
+        batch = x[rows.to(x.device)]
+        loss = nn.functional.l1_loss(model(batch), batch)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:  # LSTMs occasionally spike; clipping keeps a large lr stable
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimiser.step()
+        total += loss.item() * len(batch)
+    return total / len(x)
+
+
+def train_autoencoder(train: np.ndarray, val: np.ndarray, config: ModelConfig, *, epochs: int = 50,
+                      batch_size: int = 16, lr: float = 3e-3, patience: int = 10, seed: int = 42,
                       lr_schedule: str = "cosine", grad_clip: float | None = 1.0, device: str = "cpu",
                       threads: int | None = 1, max_seconds: float | None = None,
                       forget_bias: float | None = 3.0,
@@ -96,7 +113,6 @@ def train_autoencoder(train: np.ndarray, val: np.ndarray, config: ModelConfig, *
         # sooner; the small lr late settles the noisy LSTM updates.
         schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
                     if lr_schedule == "cosine" else None)
-        loss_fn = nn.L1Loss()
         x_train = torch.as_tensor(train, dtype=torch.float32, device=device_)
         x_val = torch.as_tensor(val, dtype=torch.float32, device=device_)
         order = torch.Generator().manual_seed(seed)  # batch order, independent of init
@@ -105,18 +121,7 @@ def train_autoencoder(train: np.ndarray, val: np.ndarray, config: ModelConfig, *
         bar = tqdm(range(1, epochs + 1), desc="fit", unit="epoch", disable=not progress, dynamic_ncols=True)
         for epoch in bar:
             epoch_start = time.perf_counter()
-            model.train()
-            total = 0.0
-            for rows in torch.randperm(len(x_train), generator=order).split(batch_size):
-                batch = x_train[rows.to(device_)]
-                loss = loss_fn(model(batch), batch)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip:  # LSTMs occasionally spike; clipping keeps a large lr stable
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimiser.step()
-                total += loss.item() * len(batch)
-            train_loss = total / len(x_train)
+            train_loss = train_one_epoch(model, optimiser, x_train, batch_size, order, grad_clip)
             if schedule is not None:
                 schedule.step()
             val_loss = l1_loss(model, x_val, max(batch_size, 256))
