@@ -28,7 +28,7 @@ from monitor.scoring import Scorer
 from trainer import data as data_mod
 from trainer import normalise, plots
 from trainer.evaluate import error_stats, evaluate, write_report
-from trainer.fit import FitResult, deterministic, train_autoencoder
+from trainer.fit import FitResult, deterministic, torch_threads, train_autoencoder
 from trainer.settings import TrainerSettings
 from trainer.split import SplitData, split
 from trainer.threshold import choose_threshold
@@ -199,6 +199,7 @@ def evaluate_artefact(model: Path, settings: TrainerSettings | None = None, subs
         windows, labels = part.windows, part.labels
     else:
         raise ValueError(f"subset must be test, val, train or all, not {subset!r}")
-    result, _ = evaluate(Scorer(artefact, device="cpu"), windows, labels, s.normal_label)
+    with torch_threads(s.torch_threads):
+        result, _ = evaluate(Scorer(artefact, device="cpu"), windows, labels, s.normal_label)
     return {"model_version": artefact.model_version, "subset": subset, "data_digest": split_data.dataset.digest,
             **result}
