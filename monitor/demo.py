@@ -344,6 +344,15 @@ class LiveView:
                 f"{alert.score:.3f} / {alert.threshold:.3f}", latency, truth]
 
 
+def describe_false_alerts(summary: dict) -> str:
+    """e.g. "2: 1 on normal sensors (patient-0002), 1 outside the injected runs (patient-0007)"."""
+    normal = [a for a in summary["firing_alerts"] if a["sensor_id"] in summary["normal_sensors_alerted"]]
+    outside = [a for a in summary["firing_alerts"] if not a["injected"] and a not in normal]
+    parts = [f"{len(group)} {where} ({', '.join(sorted({a['sensor_id'] for a in group}))})"
+             for group, where in ((normal, "on normal sensors"), (outside, "outside the injected runs")) if group]
+    return f"{summary['false_alerts']}" + (": " + ", ".join(parts) if parts else "")
+
+
 def render_summary(console, summary: dict) -> None:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value * 1000:.0f} ms"
@@ -359,9 +368,7 @@ def render_summary(console, summary: dict) -> None:
         ("detected", f"{len(detected)}/{len(injected)} anomalous sensors, "
                      f"{summary['detected_runs']}/{summary['injected_runs']} injected runs"),
         ("missed", ", ".join(sorted(set(injected) - set(detected))) or "none"),
-        ("false alerts", f"{summary['false_alerts']}" + (
-            f" ({len(summary['normal_sensors_alerted'])} normal sensor(s) alerted; false alerts on "
-            f"{', '.join(summary['false_alert_sensors'])})" if summary["false_alerts"] else "")),
+        ("false alerts", describe_false_alerts(summary)),
         ("alert latency", f"p50 {ms(summary['alert_latency_s']['p50'])}, p99 {ms(summary['alert_latency_s']['p99'])} "
                           "(last record of the window produced -> alert published)"),
         ("window latency", f"p50 {ms(summary['window_latency_s']['p50'])}, "
@@ -473,6 +480,7 @@ def pick_port(preferred: int) -> int:
 
     if preferred:
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the monitor's server does
             try:
                 s.bind(("127.0.0.1", preferred))
                 return preferred
@@ -636,7 +644,7 @@ def main(args: argparse.Namespace) -> int:
 
     console = Console(stderr=args.json)
     if not console.is_terminal:
-        console.width = 140  # logs and CI: no wrapped URLs or squeezed tables
+        console.width = 110  # logs and CI: no wrapped URLs or squeezed tables
     stop = threading.Event()
     try:
         summary = run_demo(args, console, stop)
