@@ -50,7 +50,8 @@ LOADS = (0.25, 0.5, 0.75)
 class Sizes:
     partitions: int
     backlog_sensors: int
-    backlog_beats: int        # windows per backlog sensor
+    backlog_seconds: float    # backlog size: about this many seconds of the raw scorer's rate...
+    backlog_beats: tuple[int, int]  # ...within these bounds on windows per backlog sensor
     phase_seconds: float      # length of each latency phase
     memory_sensors: tuple[int, int]  # live-sensor counts for the RSS slope; the second is "10k"
     raw_seconds: float
@@ -58,10 +59,14 @@ class Sizes:
     @classmethod
     def for_run(cls, quick: bool) -> "Sizes":
         if quick:
-            return cls(partitions=2, backlog_sensors=10, backlog_beats=12, phase_seconds=3.0,
-                       memory_sensors=(100, 200), raw_seconds=0.2)
-        return cls(partitions=8, backlog_sensors=1000, backlog_beats=30, phase_seconds=30.0,
-                   memory_sensors=(5000, 10_000), raw_seconds=3.0)
+            return cls(partitions=2, backlog_sensors=10, backlog_seconds=0.0, backlog_beats=(12, 12),
+                       phase_seconds=3.0, memory_sensors=(100, 200), raw_seconds=0.2)
+        return cls(partitions=8, backlog_sensors=1000, backlog_seconds=40.0, backlog_beats=(12, 60),
+                   phase_seconds=30.0, memory_sensors=(5000, 10_000), raw_seconds=3.0)
+
+    def beats_per_sensor(self, raw_rate: float) -> int:
+        low, high = self.backlog_beats
+        return int(min(high, max(low, round(raw_rate * self.backlog_seconds / self.backlog_sensors))))
 
 
 class Daemon:
@@ -139,15 +144,15 @@ def raw_scorer_rate(artefact: Artefact, device: str, seconds: float) -> float:
 
 
 def measure_drain(daemon: Daemon, total: int, timeout_s: float) -> dict:
-    """Poll windows_scored_total until the backlog is scored; the slope between 10% and 90%."""
+    """Poll windows_scored_total until the whole backlog is scored; the rate is the slope
+    between 10% and 90% of it (start-up and tail excluded)."""
     samples: list[tuple[float, float]] = []
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while not samples or samples[-1][1] < total:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon scored {samples[-1][1]:.0f} of {total} backlog windows in {timeout_s:.0f} s")
         samples.append((time.monotonic(), daemon.metric("ecg_monitor_windows_scored_total")))
-        if samples[-1][1] >= total:
-            break
         time.sleep(0.25)
-    scored = samples[-1][1]
     inside = [s for s in samples if 0.1 * total <= s[1] <= 0.9 * total]
     if len(inside) >= 3:  # enough polls for the steady part alone
         (t0, n0), (t1, n1) = inside[0], inside[-1]
@@ -155,7 +160,7 @@ def measure_drain(daemon: Daemon, total: int, timeout_s: float) -> dict:
     else:  # a small backlog: from readiness to the end
         (t0, n0), (t1, n1) = samples[0], samples[-1]
         basis = "whole backlog"
-    return {"windows": total, "scored": int(scored), "seconds": round(t1 - t0, 3), "basis": basis,
+    return {"windows": total, "scored": int(samples[-1][1]), "seconds": round(t1 - t0, 3), "basis": basis,
             "windows_per_s": (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")}
 
 
@@ -282,8 +287,8 @@ def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: 
     with EmbeddedBroker(log_path=work / "tansu.log") as broker:
         broker.create_topics({topics["input"]: sizes.partitions, topics["alerts"]: sizes.partitions,
                               topics["dlq"]: 1, topics["scores"]: sizes.partitions})
-        streams = build_ecg_streams(pool, sensors=sizes.backlog_sensors, beats_per_sensor=sizes.backlog_beats,
-                                    prefix="backlog-")
+        streams = build_ecg_streams(pool, sensors=sizes.backlog_sensors, prefix="backlog-",
+                                    beats_per_sensor=sizes.beats_per_sensor(raw_before))
         backlog = sum(len(s) // artefact.window_length for s in streams)
         produced = replay(broker.bootstrap, topics["input"], streams, rate="max", samples_per_message=CHUNK)
 
@@ -297,7 +302,7 @@ def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: 
         daemon = Daemon(env, work / "daemon.log")
         try:
             daemon.wait_ready()
-            drain = measure_drain(daemon, backlog, timeout_s=600)
+            drain = measure_drain(daemon, backlog, timeout_s=max(600.0, 20 * backlog / raw_before))
             max_rate = drain["windows_per_s"]
             raw_after = raw_scorer_rate(artefact, device, sizes.raw_seconds)
             latency = [latency_phase(daemon, broker.bootstrap, topics, pool, load, max_rate, sizes.phase_seconds)
