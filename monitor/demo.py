@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from monitor.replay import (BEAT_LENGTH, ECG_FS, SensorStream, build_ecg_streams, ensure_data, load_beat_pool,
-                            parse_rate, replay, resolve_rate)
+                            parse_rate, replay)
 from monitor.wire import AlertRecord
 
 if TYPE_CHECKING:
@@ -45,9 +45,10 @@ TABLE_ROWS = 15
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("ECG_MONITOR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
-                                                        "ecg-monitor")
-    return Path(base)
+    """$ECG_MONITOR_CACHE, else ~/.cache/ecg-monitor (where the trainer downloads ECG5000 too)."""
+    if os.environ.get("ECG_MONITOR_CACHE"):
+        return Path(os.environ["ECG_MONITOR_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ecg-monitor"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of ECG per sensor (the replay takes this long in real time)")
     parser.add_argument("--beats-per-sensor", type=int, default=None,
                         help="beats per sensor (default: --duration worth of beats)")
-    parser.add_argument("--rate", default="realtime",
+    parser.add_argument("--rate", default="realtime", type=parse_rate,
                         help="'realtime' (140 samples/s per sensor), 'max', or samples/s per sensor")
     parser.add_argument("--samples-per-message", type=int, default=35, help="samples in each record")
     parser.add_argument("--seed", type=int, default=0, help="which sensors get anomalies, which beats")
@@ -534,8 +535,7 @@ def run_demo(args: argparse.Namespace, console, stop: threading.Event) -> dict:
     artefact = Artefact.load(model_path)
     model = {"path": str(model_path), "version": artefact.model_version, "threshold": artefact.threshold}
     streams = build_demo_streams(args, data_dir, heldout_split(artefact))
-    rate = parse_rate(args.rate)
-    resolve_rate(rate, streams)
+    rate = args.rate
     run_dir = args.cache_dir / "demo-run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)

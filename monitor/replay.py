@@ -386,7 +386,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of sensors that get runs of anomalous beats (ecg5000 only)")
     parser.add_argument("--beats-per-sensor", type=int, default=60, help="beats in each sensor's stream (ecg5000)")
     parser.add_argument("--runs-per-sensor", type=int, default=1, help="anomalous runs per anomalous sensor")
-    parser.add_argument("--rate", default="realtime",
+    parser.add_argument("--rate", default="realtime", type=parse_rate,
                         help="'realtime' (fs samples/s per sensor), 'max', or samples/s per sensor")
     parser.add_argument("--samples-per-message", type=int, default=35, help="samples in each record")
     parser.add_argument("--duration", type=float, default=None,
@@ -433,13 +433,22 @@ def producer_options() -> dict:
 
 
 def parse_rate(text: str) -> Rate:
-    return text if text in ("realtime", "max") else float(text)
+    """'realtime', 'max' or a positive number of samples/s per sensor (an argparse type)."""
+    if text in ("realtime", "max"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"rate must be 'realtime', 'max' or samples/s > 0, got {text!r}")
+    return value
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         streams = build_streams(args)
-        rate = parse_rate(args.rate)
+        rate = args.rate
         per_sensor = resolve_rate(rate, streams)
     except (ValueError, OSError) as exc:
         print(f"replay: {exc}", file=sys.stderr)
