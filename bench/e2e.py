@@ -136,6 +136,29 @@ class Daemon:
         return self.process.returncode
 
 
+class CpuMeter:
+    """CPU time (user + system, all threads) of the daemon, the broker and this process (the load
+    generator), from /proc: on a small machine they compete for the same cores."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._start = (time.monotonic(), self._read())
+
+    @staticmethod
+    def _seconds(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def _read(self) -> dict[str, float]:
+        return {name: self._seconds(pid) for name, pid in self.pids.items()}
+
+    def cores(self) -> dict[str, float]:
+        """Cores used by each process since the meter was made (CPU seconds per second)."""
+        started, before = self._start
+        elapsed = time.monotonic() - started
+        return {name: round((now - before[name]) / elapsed, 2) for name, now in self._read().items()}
+
+
 def raw_scorer_rate(artefact: Artefact, device: str, seconds: float) -> float:
     scorer = Scorer(artefact, device=device, max_batch=MAX_BATCH)
     windows = np.random.default_rng(0).normal(size=(MAX_BATCH, artefact.window_length)).astype(np.float32)
@@ -217,13 +240,15 @@ def read_scores(bootstrap: str, topic: str, prefix: str, expected: int, timeout_
 
 
 def latency_phase(daemon: Daemon, bootstrap: str, topics: dict, pool: BeatPool, load: float,
-                  max_rate: float, seconds: float) -> dict:
+                  max_rate: float, seconds: float, pids: dict[str, int]) -> dict:
     sensors = max(1, int(round(load * max_rate)))  # a 140 Hz sensor completes one window per second
     prefix = f"lat{int(load * 100)}-"
     producer = make_producer(bootstrap)
     started = time.monotonic()
+    cpu = CpuMeter(pids)
     produced = paced_produce(producer, topics["input"], pool, sensors, seconds, prefix, seed=int(load * 100))
     production_s = time.monotonic() - started
+    cores = cpu.cores()
     producer.close()
     length = pool.normal.shape[1]
     expected = {key: ts for key, ts in produced.items() if key[1] % length == 0}
@@ -239,6 +264,7 @@ def latency_phase(daemon: Daemon, bootstrap: str, topics: dict, pool: BeatPool, 
         "p50_ms": round(1000 * percentile(latencies, 50), 1),
         "p99_ms": round(1000 * percentile(latencies, 99), 1),
         "max_ms": round(1000 * max(latencies), 1) if latencies else float("nan"),
+        "cpu_cores": cores,
     }
 
 
@@ -302,10 +328,13 @@ def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: 
         daemon = Daemon(env, work / "daemon.log")
         try:
             daemon.wait_ready()
+            pids = {"daemon": daemon.process.pid, "broker": broker.process.pid, "load generator": os.getpid()}
+            cpu = CpuMeter(pids)
             drain = measure_drain(daemon, backlog, timeout_s=max(600.0, 20 * backlog / raw_before))
+            drain["cpu_cores"] = cpu.cores()
             max_rate = drain["windows_per_s"]
             raw_after = raw_scorer_rate(artefact, device, sizes.raw_seconds)
-            latency = [latency_phase(daemon, broker.bootstrap, topics, pool, load, max_rate, sizes.phase_seconds)
+            latency = [latency_phase(daemon, broker.bootstrap, topics, pool, load, max_rate, sizes.phase_seconds, pids)
                        for load in LOADS]
             memory = memory_phase(daemon, broker.bootstrap, topics["input"], sizes.memory_sensors)
             metrics = daemon.metrics()

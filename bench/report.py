@@ -11,6 +11,10 @@ def _n(value, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _cores(cores: dict | None, names: tuple[str, ...]) -> str:
+    return " / ".join(f"{cores[n]:.2f}" for n in names) if cores else "n/a"
+
+
 def scorer_tables(result: dict) -> list[str]:
     lines = [f"### Scorer ({result['device']}, torch threads {result['torch_threads']})", ""]
     batches = [row["batch"] for row in result["sweeps"][0]["batched"]]
@@ -61,15 +65,18 @@ def e2e_tables(result: dict) -> list[str]:
     lines.append(f"| daemon, maximum sustained ({result['backlog']['sensors']:,} sensors, "
                  f"{result['backlog']['windows']:,}-window backlog) | {_n(result['max_windows_per_s'])} windows/s |")
     lines.append(f"| daemon / raw scorer | **{result['ratio_to_raw_scorer']:.0%}** |")
+    lines.append(f"| CPU cores used while draining (daemon / broker) | {_cores(result['drain'].get('cpu_cores'), ('daemon', 'broker'))} |")
     lines.append(f"| RSS at {memory['active_sensors_at_last']:,} live sensors | {memory['rss_mib_at_last']:,.1f} MiB |")
     lines.append(f"| memory per live sensor (RSS slope) | {_n(memory['bytes_per_sensor'])} bytes |")
     lines.append("")
-    lines.append("| load | sensors (140 Hz) | target windows/s | achieved | windows | scored | p50 | p99 | max |")
-    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines.append("| load | sensors (140 Hz) | target windows/s | achieved | windows | scored | p50 | p99 | max "
+                 "| CPU cores: daemon / broker / load generator |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in result["latency"]:
         lines.append(f"| {row['load']:.0%} | {row['sensors']:,} | {_n(row['target_windows_per_s'])} | "
                      f"{_n(row['achieved_windows_per_s'])} | {row['windows']:,} | {row['windows_scored']:,} | "
-                     f"{_n(row['p50_ms'])} ms | {_n(row['p99_ms'])} ms | {_n(row['max_ms'])} ms |")
+                     f"{_n(row['p50_ms'])} ms | {_n(row['p99_ms'])} ms | {_n(row['max_ms'])} ms | "
+                     f"{_cores(row.get('cpu_cores'), ('daemon', 'broker', 'load generator'))} |")
     lines.append("")
     return lines
 
