@@ -179,3 +179,50 @@ def test_load_ucr_file_refuses_a_file_without_values(tmp_path):
     (tmp_path / "X_TRAIN.tsv").write_text("1\n2\n")
     with pytest.raises(DataError, match="no windows"):
         load_ucr_file(tmp_path / "X_TRAIN.tsv")
+
+
+def _serve_zip(tmp_path: Path, files: dict[str, bytes]):
+    """A real HTTP server on loopback serving ECG5000.zip built from `files`; returns (url, server)."""
+    import functools
+    import http.server
+    import threading
+    import zipfile
+
+    root = tmp_path / "www"
+    root.mkdir()
+    with zipfile.ZipFile(root / "ECG5000.zip", "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/ECG5000.zip", server
+
+
+def test_download_fetches_unzips_and_verifies_over_http(ecg_data_dir, tmp_path, monkeypatch):
+    files = {name: (ecg_data_dir / name).read_bytes() for name in ("ECG5000_TRAIN.txt", "ECG5000_TEST.txt")}
+    url, server = _serve_zip(tmp_path, files)
+    monkeypatch.setattr(data_mod, "ECG5000_URL", url)
+    try:
+        cache = tmp_path / "cache"
+        assert load(None, cache_dir=cache).digest == data_mod.ECG5000_DIGEST
+        server.shutdown()  # the second load must come from the cache
+        assert load(None, cache_dir=cache).digest == data_mod.ECG5000_DIGEST
+    finally:
+        server.server_close()
+
+
+def test_a_corrupted_download_is_caught_by_the_digest(ecg_data_dir, tmp_path, monkeypatch):
+    train = (ecg_data_dir / "ECG5000_TRAIN.txt").read_bytes()
+    first_value = train.index(b"e", 20) - 9  # a digit of the first sample of the first beat
+    damaged = train[:first_value] + (b"9" if train[first_value:first_value + 1] != b"9" else b"8") \
+        + train[first_value + 1:]
+    url, server = _serve_zip(tmp_path, {"ECG5000_TRAIN.txt": damaged,
+                                        "ECG5000_TEST.txt": (ecg_data_dir / "ECG5000_TEST.txt").read_bytes()})
+    monkeypatch.setattr(data_mod, "ECG5000_URL", url)
+    try:
+        with pytest.raises(DataError, match="differ from the reference copy.*corrupt"):
+            load(None, cache_dir=tmp_path / "cache")
+    finally:
+        server.shutdown()
+        server.server_close()
