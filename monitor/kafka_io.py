@@ -43,8 +43,8 @@ def make_consumer(settings: MonitorSettings, **overrides: Any) -> KafkaConsumer:
         # The broker answers a fetch as soon as there is data; this only bounds an idle fetch.
         # Kept short because some Kafka-protocol brokers hold every fetch this long.
         "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
-        # kafka-python checks record CRCs in pure Python unless the `crc32c` C package is
-        # installed, and that costs more CPU than scoring. Without it, rely on the broker (which
+        # `crc32c` (a dependency) makes the check cheap; kafka-python's pure-Python fallback costs
+        # more CPU than scoring, so where the C package is missing, rely on the broker (which
         # verifies CRCs on produce), TCP, and the JSON validation every record goes through.
         "check_crcs": importlib.util.find_spec("crc32c") is not None,
     }
