@@ -42,7 +42,7 @@ class MonitorSettings(BaseSettings):
     model_path: Path = Field(Path("models/ecg-lstm-ae.pt"), description="Model artefact from `trainer fit`")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch: int = Field(512, ge=1, le=65536, description="Most windows scored in one batch")
-    max_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest a complete window waits for its batch")
+    max_wait_ms: int = Field(10, ge=0, le=60_000, description="Longest a complete window waits for its batch")
     hop: int | None = Field(None, ge=1, description="Samples between window starts; empty = window length")
     max_record_bytes: int = Field(1 << 20, ge=64, description="Larger input records go to the dead-letter topic")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; empty = torch default")
