@@ -10,9 +10,8 @@ import argparse
 import json
 from typing import Any
 
-from pydantic import ValidationError
 
-from monitor.settings import MonitorSettings
+from monitor.settings import MonitorSettings, load_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,10 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        settings = MonitorSettings(_env_file=args.env_file)
-    except ValidationError as exc:
-        print(f"invalid settings:\n{exc}")
+    settings = load_settings(args.env_file)
+    if settings is None:
         return 2
     summary: dict[str, Any] = {"settings": _settings_summary(settings), "problems": []}
     summary["model"] = check_model(settings, summary["problems"])

@@ -26,7 +26,6 @@ import numpy as np
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
-from pydantic import ValidationError
 
 from monitor import __version__
 from monitor.batching import Batcher
@@ -36,7 +35,7 @@ from monitor.logs import setup_logging
 from monitor.metrics import Metrics
 from monitor.policy import AlertPolicy
 from monitor.scoring import ArtefactError, Scorer
-from monitor.settings import MonitorSettings
+from monitor.settings import MonitorSettings, load_settings
 from monitor.windowing import Window, Windower
 from monitor.wire import AlertRecord, DeadLetter, InvalidRecord, ScoreRecord, decode_input
 
@@ -437,10 +436,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        settings = MonitorSettings(_env_file=args.env_file)
-    except ValidationError as exc:
-        print(f"invalid settings:\n{exc}")
+    settings = load_settings(args.env_file)
+    if settings is None:
         return 2
     setup_logging(settings.log_level, settings.log_format)
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -95,3 +95,13 @@ class MonitorSettings(BaseSettings):
         if self.ssl_password:
             options["ssl_password"] = self.ssl_password.get_secret_value()
         return options
+
+
+def load_settings(env_file: str | Path | None) -> MonitorSettings | None:
+    """The settings from the environment and `env_file`; None after printing why they are invalid
+    (the commands then exit with status 2)."""
+    try:
+        return MonitorSettings(_env_file=env_file)
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}")
+        return None
