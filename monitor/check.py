@@ -10,7 +10,6 @@ import argparse
 import json
 from typing import Any
 
-
 from monitor.settings import MonitorSettings, load_settings
 
 
