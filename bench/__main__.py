@@ -4,7 +4,7 @@
     python -m bench --quick              # tiny sizes: checks the code paths, numbers mean nothing
     python -m bench --only scorer,e2e --model models/ecg-lstm-ae.pt
 
-Writes bench/results/<device>.json and .md (quick runs: quick-<device>.*). Every comparison is
+Writes bench/results/<device>.json, .md and .png (quick runs: quick-<device>.*). Every comparison is
 a ratio against a baseline measured in the same run, so a busy machine skews both sides alike.
 """
 
@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     text = report.markdown(results)
     (args.out / f"{name}.md").write_text(text)
+    plotted = report.plot(results, args.out / f"{name}.png")
     print(text)
-    print(f"wrote {args.out / name}.json and .md")
+    print(f"wrote {args.out / name}.json, .md{' and .png' if plotted else ''}")
     failed = "reliability" in results and results["reliability"]["exit_code"] != 0
     return 1 if failed else 0
 

@@ -132,3 +132,54 @@ def markdown(results: dict) -> str:
     if "reliability" in results:
         lines += reliability_tables(results["reliability"])
     return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path) -> bool:
+    """A PNG beside the tables: scorer windows/s against batch size (the per-window loop as a
+    dashed line), and latency p50/p99 against load with the 250 ms target. False when there is
+    nothing to plot or matplotlib (the `train` extra) is missing."""
+    panels = [part for part in ("scorer", "e2e") if part in results]
+    if not panels:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, part in zip(axes[0], panels):
+        if part == "scorer":
+            for sweep, color in zip(results["scorer"]["sweeps"], ("tab:blue", "tab:orange")):
+                rows = sweep["batched"]
+                ax.plot([r["batch"] for r in rows], [r["windows_per_s"] for r in rows], "o-", color=color,
+                        label=f"{sweep['model']}, batched")
+                ax.axhline(sweep["loop_windows_per_s"], color=color, linestyle="--", label=f"{sweep['model']}, per-window loop")
+            ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="windows/s",
+                   title=f"Scorer ({results['scorer']['device']}, {results['scorer']['torch_threads']} thread(s))")
+        else:
+            rows = results["e2e"]["latency"]
+            loads = [100 * r["load"] for r in rows]
+            ax.plot(loads, [r["p50_ms"] for r in rows], "o-", label="p50")
+            ax.plot(loads, [r["p99_ms"] for r in rows], "s-", label="p99")
+            ax.axhline(250, color="tab:red", linestyle=":", label="p99 target (250 ms)")
+            ax.set(xlabel="load (% of the daemon's maximum sustained rate)", ylabel="latency (ms)", ylim=(0, None),
+                   title=f"End to end: max {results['e2e']['max_windows_per_s']:,.0f} windows/s")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":  # python -m bench.report RESULTS.json: redraw the tables and the plot
+    import json
+    import sys
+    from pathlib import Path
+
+    source = Path(sys.argv[1])
+    results = json.loads(source.read_text())
+    source.with_suffix(".md").write_text(markdown(results))
+    plot(results, source.with_suffix(".png"))

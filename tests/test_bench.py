@@ -23,6 +23,7 @@ def _run(parts: str, model, ecg_data_dir, out) -> tuple[dict, str]:
     code = bench_main(["--quick", "--only", parts, "--model", str(model), "--data", str(ecg_data_dir),
                        "--out", str(out), "--threads", "1", "--device", "cpu"])
     assert code == 0
+    assert (out / "quick-cpu.png").read_bytes().startswith(b"\x89PNG")  # the plot beside the tables
     return json.loads((out / "quick-cpu.json").read_text()), (out / "quick-cpu.md").read_text()
 
 
