@@ -15,6 +15,7 @@ backoff; the loop never exits because of them.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -468,6 +469,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     monitor = Monitor(settings, scorer, clients[0], clients[1], metrics, health)
     metrics.ready.set_function(lambda: float(health.readyz()[0]))
+    # Everything alive now (torch, the model, the clients) lives as long as the process: keep it
+    # out of the garbage collector's full passes, which would otherwise stall the loop scanning it.
+    gc.freeze()
     try:
         return monitor.run()
     finally:
