@@ -413,14 +413,10 @@ def ensure_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike | N
     default the trainer's cache, ~/.cache/ecg-monitor on Linux)."""
     if data:
         return Path(data)
-    from trainer.data import DataError, download_ecg5000
+    from trainer.data import DataError, default_cache_dir, download_ecg5000
 
-    if cache_dir is None:
-        import pooch
-
-        cache_dir = pooch.os_cache("ecg-monitor")
     try:
-        return download_ecg5000(Path(cache_dir))
+        return download_ecg5000(Path(default_cache_dir() if cache_dir is None else cache_dir))
     except DataError as exc:
         raise DataError(f"{exc} (the replayer and the demo also read ECG5000_DIR)") from None
 

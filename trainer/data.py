@@ -93,8 +93,9 @@ def load_ucr_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
             values, labels = _read_arff(path)
         else:
             text = path.read_text(encoding="utf-8")
-            _check_field_counts(path, text, "\t" if suffix == ".tsv" else None)
-            frame = pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else r"\s+", header=None, dtype=float)
+            tab = suffix == ".tsv"
+            _check_field_counts(path, text, "\t" if tab else None)
+            frame = pd.read_csv(io.StringIO(text), sep="\t" if tab else r"\s+", header=None, dtype=float)
             labels, values = frame.iloc[:, 0].to_numpy(), frame.iloc[:, 1:].to_numpy()
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot parse ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
@@ -196,6 +197,13 @@ def validate_ecg5000(data: Dataset, verify_digest: bool = True) -> None:
         raise DataError(f"{data.source}: ECG5000 values differ from the reference copy (digest "
                         f"{data.digest[:12]}... != {ECG5000_DIGEST[:12]}...); the download may be corrupt: "
                         "delete it and retry, or set TRAINER_VERIFY_DIGEST=false for a modified copy")
+
+
+def default_cache_dir() -> Path:
+    """Where the ECG5000 download is kept unless told otherwise (~/.cache/ecg-monitor on Linux)."""
+    import pooch
+
+    return Path(pooch.os_cache("ecg-monitor"))
 
 
 def download_ecg5000(cache_dir: Path) -> Path:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import pooch
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trainer.data import default_cache_dir
 
 ThresholdMethod = Literal["percentile", "mean_std", "fixed", "f1"]
 
@@ -23,7 +24,7 @@ class TrainerSettings(BaseSettings):
     # Data
     data: Path | None = Field(None, description="ECG5000 directory (.txt/.tsv/.arff) or a CSV/Parquet file "
                                                 "of windows; empty = download ECG5000 into cache_dir")
-    cache_dir: Path = Field(Path(pooch.os_cache("ecg-monitor")), description="Where the ECG5000 download is kept")
+    cache_dir: Path = Field(default_cache_dir(), description="Where the ECG5000 download is kept")
     label_column: str = Field("label", description="CSV/Parquet: name of the optional label column")
     normal_label: str = Field("1", description="The label of normal windows (ECG5000: class 1)")
     n_features: int = Field(1, ge=1, description="CSV/Parquet: channels per window (columns are channel-major)")
