@@ -315,15 +315,16 @@ class Monitor:
         log.info("partitions revoked", extra={"partitions": sorted(partitions)})
         while len(self.batcher):
             self._score_batch()
+        safe = self.safe_offsets()
         if self.outbox.flush(KAFKA_TIMEOUT_S):
             self._observe_latency()
             # Rebalance callbacks run on kafka-python's IO thread, where a blocking commit raises
             # RuntimeError; an async commit is enough (if it is lost, the next owner re-reads more).
             offsets = {TopicPartition(self.settings.input_topic, p): OffsetAndMetadata(o, "", -1)
-                       for p, o in self.safe_offsets().items() if p in partitions and o > self.committed.get(p, -1)}
+                       for p, o in safe.items() if p in partitions and o > self.committed.get(p, -1)}
             if offsets:
                 self.consumer.commit_async(offsets)
-        safe = self.safe_offsets()  # (after a lost membership kafka-python itself restarts from the commit)
+        # (after a lost membership kafka-python itself restarts from the commit)
         self._resume.update({p: safe[p] for p in partitions if p in safe})
         self._drop(partitions)
 
