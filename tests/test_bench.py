@@ -58,6 +58,7 @@ def test_quick_end_to_end_benchmark_runs_the_daemon_against_the_broker(model, ec
     for row in e2e["latency"]:
         assert row["windows"] > 0 and row["windows_scored"] == row["windows"]
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert row["runs"] == len(row["p99_ms_per_run"]) == e2e["latency_runs"]["per_load"] >= 1
         assert set(row["cpu_cores"]) == {"daemon", "broker", "load generator"}
         assert all(cores >= 0 for cores in row["cpu_cores"].values())
     assert e2e["memory"]["active_sensors_at_last"] >= 200 and e2e["memory"]["rss_mib_at_last"] > 0
