@@ -269,11 +269,14 @@ def latency_run(bootstrap: str, topics: dict, pool: BeatPool, load: float, max_r
             "latencies": [scored[key] - ts for key, ts in expected.items() if key in scored]}
 
 
+def _ms(values: list[float], q: float) -> float:
+    return round(1000 * percentile(values, q), 1)
+
+
 def latency_summary(load: float, max_rate: float, runs: list[dict]) -> dict:
     """The runs at one load, pooled; p99 of each run alone shows the spread."""
     latencies = [latency for run in runs for latency in run["latencies"]]
     windows = sum(run["windows"] for run in runs)
-    ms = lambda values, q: round(1000 * percentile(values, q), 1)  # noqa: E731
     return {
         "load": load,
         "sensors": runs[0]["sensors"],
@@ -282,10 +285,10 @@ def latency_summary(load: float, max_rate: float, runs: list[dict]) -> dict:
         "achieved_windows_per_s": round(windows / sum(run["production_s"] for run in runs), 1),
         "windows": windows,
         "windows_scored": len(latencies),
-        "p50_ms": ms(latencies, 50),
-        "p99_ms": ms(latencies, 99),
+        "p50_ms": _ms(latencies, 50),
+        "p99_ms": _ms(latencies, 99),
         "max_ms": round(1000 * max(latencies), 1) if latencies else float("nan"),
-        "p99_ms_per_run": [ms(run["latencies"], 99) for run in runs],
+        "p99_ms_per_run": [_ms(run["latencies"], 99) for run in runs],
         "cpu_cores": {name: round(sum(run["cpu_cores"][name] for run in runs) / len(runs), 2)
                       for name in runs[0]["cpu_cores"]},
     }
