@@ -324,6 +324,11 @@ def memory_phase(daemon: Daemon, bootstrap: str, topic: str, targets: tuple[int,
 TOPICS = {"input": "bench.samples", "alerts": "bench.alerts", "dlq": "bench.dlq", "scores": "bench.scores"}
 
 
+def process_ids(daemon: Daemon, broker: EmbeddedBroker) -> dict[str, int]:
+    """The processes whose CPU a CpuMeter reports: they share this machine's cores."""
+    return {"daemon": daemon.process.pid, "broker": broker.process.pid, "load generator": os.getpid()}
+
+
 @contextlib.contextmanager
 def fresh_broker(work: Path, name: str, partitions: int):
     """A new in-memory broker with the bench topics."""
@@ -374,7 +379,7 @@ def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: 
         backlog = sum(len(s) // artefact.window_length for s in streams)
         produced = replay(broker.bootstrap, TOPICS["input"], streams, rate="max", samples_per_message=CHUNK)
         with running_daemon(broker, work, "drain", model, device, threads, exit_codes) as daemon:
-            cpu = CpuMeter({"daemon": daemon.process.pid, "broker": broker.process.pid, "load generator": os.getpid()})
+            cpu = CpuMeter(process_ids(daemon, broker))
             drain = measure_drain(daemon, backlog, timeout_s=max(600.0, 20 * backlog / raw_before))
             drain["cpu_cores"] = cpu.cores()
             memory = memory_phase(daemon, broker.bootstrap, TOPICS["input"], sizes.memory_sensors)
@@ -391,9 +396,8 @@ def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: 
             name = f"latency-{int(load * 100)}-{index + 1}"
             with fresh_broker(work, name, sizes.partitions) as broker, \
                     running_daemon(broker, work, name, model, device, threads, exit_codes) as daemon:
-                pids = {"daemon": daemon.process.pid, "broker": broker.process.pid, "load generator": os.getpid()}
-                runs.append(latency_run(broker.bootstrap, TOPICS, pool, load, max_rate, sizes.run_seconds, pids,
-                                        seed=int(load * 100) + index))
+                runs.append(latency_run(broker.bootstrap, TOPICS, pool, load, max_rate, sizes.run_seconds,
+                                        process_ids(daemon, broker), seed=int(load * 100) + index))
                 for metric in ("ecg_monitor_invalid_records_total", "ecg_monitor_kafka_errors_total"):
                     metrics[metric] = metrics.get(metric, 0.0) + daemon.metric(metric)
         latency.append(latency_summary(load, max_rate, runs))
