@@ -144,10 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{'quick-' if args.quick else ''}{device.split(':')[0]}"
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    text = report.markdown(results)
-    (args.out / f"{name}.md").write_text(text)
-    plotted = report.plot(results, args.out / f"{name}.png")
+    json_path = args.out / f"{name}.json"
+    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    text, plotted = report.write(results, json_path)
     print(text)
     print(f"wrote {args.out / name}.json, .md{' and .png' if plotted else ''}")
     failed = "reliability" in results and results["reliability"]["exit_code"] != 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 
 def _n(value, digits: int = 0) -> str:
@@ -139,7 +140,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path) -> bool:
+def plot(results: dict, path: Path) -> bool:
     """A PNG beside the tables: scorer windows/s against batch size (the per-window loop as a
     dashed line), and latency p50/p99 against load with the 250 ms target. False when there is
     nothing to plot or matplotlib (the `train` extra) is missing."""
@@ -179,12 +180,17 @@ def plot(results: dict, path) -> bool:
     return True
 
 
+def write(results: dict, json_path: Path) -> tuple[str, bool]:
+    """The tables (.md) and the plot (.png) beside `json_path`; returns the tables and whether
+    the plot was drawn."""
+    text = markdown(results)
+    json_path.with_suffix(".md").write_text(text)
+    return text, plot(results, json_path.with_suffix(".png"))
+
+
 if __name__ == "__main__":  # python -m bench.report RESULTS.json: redraw the tables and the plot
     import json
     import sys
-    from pathlib import Path
 
     source = Path(sys.argv[1])
-    results = json.loads(source.read_text())
-    source.with_suffix(".md").write_text(markdown(results))
-    plot(results, source.with_suffix(".png"))
+    write(json.loads(source.read_text()), source)
