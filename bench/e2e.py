@@ -81,6 +81,7 @@ class Daemon:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = int(env["MONITOR_METRICS_PORT"])
+        self.not_ready_at = time.monotonic()
         self.log = open(log_path, "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "monitor", "run"], cwd=REPO,
                                         env={**os.environ, "PYTHONPATH": str(REPO), **env},
@@ -105,15 +106,19 @@ class Daemon:
         return self.metrics().get(name, 0.0)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Until /readyz says ready; `not_ready_at` is then the last time it was seen not ready
+        (no partition assigned, so nothing scored yet)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the daemon exited with code {self.process.returncode}; see {self.log.name}")
+            probed_at = time.monotonic()
             try:
                 if self.get("/readyz")[0] == 200:
                     return
             except OSError:
                 pass
+            self.not_ready_at = probed_at
             time.sleep(0.2)
         raise TimeoutError(f"the daemon was not ready within {timeout_s} s; see {self.log.name}")
 
@@ -187,8 +192,8 @@ def measure_drain(daemon: Daemon, total: int, timeout_s: float) -> dict:
     if len(inside) >= 3:  # enough polls for the steady part alone
         (t0, n0), (t1, n1) = inside[0], inside[-1]
         basis = "10% to 90% of the backlog"
-    else:  # a small backlog: from readiness to the end
-        (t0, n0), (t1, n1) = samples[0], samples[-1]
+    else:  # a small backlog, perhaps scored before the first poll: from before readiness to the end
+        (t0, n0), (t1, n1) = (daemon.not_ready_at, 0.0), samples[-1]
         basis = "whole backlog"
     return {"windows": total, "scored": int(samples[-1][1]), "seconds": round(t1 - t0, 3), "basis": basis,
             "windows_per_s": (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")}
