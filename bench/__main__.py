@@ -70,7 +70,7 @@ def evaluation_set(model: Path, data_dir: Path, quick: bool):
     """The evaluation protocol's test set, split with the model's own seed and fractions
     (quick runs: every 20th window, only to exercise the code)."""
     from bench.scorer import Evaluation
-    from monitor.artefact import Artefact
+    from monitor.core.artefact import Artefact
     from trainer.pipeline import load_split
 
     artefact = Artefact.load(model)
@@ -119,7 +119,7 @@ def meta(args: argparse.Namespace, device: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench import e2e, report, scorer
-    from monitor.scoring import resolve_device
+    from monitor.core.scoring import resolve_device
 
     device = str(resolve_device(args.device))
     if args.threads:

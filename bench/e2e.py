@@ -39,11 +39,11 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.timing import percentile, rate
-from monitor.artefact import Artefact
-from monitor.broker import EmbeddedBroker, free_port
-from monitor.replay import BeatPool, build_ecg_streams, load_beat_pool, make_producer, replay
-from monitor.scoring import Scorer
-from monitor.wire import ScoreRecord, encode_input
+from monitor.core.artefact import Artefact
+from monitor.tools.broker import EmbeddedBroker, free_port
+from monitor.tools.replay import BeatPool, build_ecg_streams, load_beat_pool, make_producer, replay
+from monitor.core.scoring import Scorer
+from monitor.stream.wire import ScoreRecord, encode_input
 
 REPO = Path(__file__).resolve().parents[1]
 FS = 140.0
@@ -369,7 +369,7 @@ def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: 
     work.mkdir(parents=True, exist_ok=True)
     if model is None:
         from bench.scorer import untrained_artefact
-        from monitor.model import ModelConfig
+        from monitor.core.model import ModelConfig
 
         model = untrained_artefact(ModelConfig()).save(work / "untrained.pt")
     artefact = Artefact.load(model)

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from bench.timing import compare, rate
-from monitor.artefact import Artefact
-from monitor.model import LSTMAutoencoder, ModelConfig
-from monitor.scoring import Scorer, resolve_device
+from monitor.core.artefact import Artefact
+from monitor.core.model import LSTMAutoencoder, ModelConfig
+from monitor.core.scoring import Scorer, resolve_device
 
 MODELS = {
     "default": ModelConfig(),

@@ -8,10 +8,10 @@ import sys
 
 #: subcommand -> (module, one-line help). Each module has `add_arguments(parser)` and `main(args) -> int`.
 COMMANDS = {
-    "run": ("monitor.daemon", "run the monitoring daemon (settings from MONITOR_* env / .env)"),
-    "check": ("monitor.check", "validate settings, model and broker connectivity, print a summary"),
-    "replay": ("monitor.replay", "replay ECG5000 beats or a signal file to Kafka as sensor streams"),
-    "demo": ("monitor.demo", "the whole product in one command: broker, model, monitor, replayed streams"),
+    "run": ("monitor.daemon.loop", "run the monitoring daemon (settings from MONITOR_* env / .env)"),
+    "check": ("monitor.daemon.check", "validate settings, model and broker connectivity, print a summary"),
+    "replay": ("monitor.tools.replay", "replay ECG5000 beats or a signal file to Kafka as sensor streams"),
+    "demo": ("monitor.tools.demo", "the whole product in one command: broker, model, monitor, replayed streams"),
 }
 
 

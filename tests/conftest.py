@@ -30,7 +30,7 @@ def ecg_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
     """A real Kafka-protocol broker (Tansu, in memory) on a free loopback port, for the whole session."""
-    from monitor.broker import EmbeddedBroker
+    from monitor.tools.broker import EmbeddedBroker
 
     log = tmp_path_factory.mktemp("tansu") / "tansu.log"
     with EmbeddedBroker(log_path=log) as running:

@@ -57,7 +57,7 @@ class Topics:
         return cls(f"{prefix}.samples", f"{prefix}.alerts", f"{prefix}.dlq", f"{prefix}.scores")
 
     def create(self, bootstrap: str, partitions: int = 3) -> "Topics":
-        from monitor.broker import create_topics
+        from monitor.tools.broker import create_topics
 
         create_topics(bootstrap, {self.input: partitions, self.alerts: 1, self.dlq: 1, self.scores: 1})
         return self
@@ -68,7 +68,7 @@ def monitor_env(bootstrap: str, topics: Topics, model_path: Path, *, scores: boo
     """MONITOR_* environment for a test daemon: the given broker and topics, a free metrics port,
     short group timeouts (Tansu joins take about the rebalance timeout) and small batches.
     Keyword overrides use the env names, e.g. MONITOR_ALERT_K="1"."""
-    from monitor.broker import free_port
+    from monitor.tools.broker import free_port
 
     env = {
         "MONITOR_BOOTSTRAP_SERVERS": bootstrap,
@@ -221,7 +221,7 @@ def stream_records(streams: Mapping[str, np.ndarray], chunk: int, *, seq0: int =
     would send them). `streams` maps sensor id -> samples (any shape; flattened, e.g. beats
     (n, 140) back to back). `ts` stamps each record with the time it is generated, which feeds
     the end-to-end latency metric. A generator: pace it by consuming it slowly."""
-    from monitor.wire import encode_input
+    from monitor.stream.wire import encode_input
 
     flat = {sensor: np.asarray(values, dtype=np.float64).ravel() for sensor, values in streams.items()}
     longest = max((len(v) for v in flat.values()), default=0)
@@ -305,7 +305,7 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float =
 # -- bad input ---------------------------------------------------------------------------------
 
 def malformed_records(sensor_id: str = "bad-sensor", max_bytes: int = 1 << 20) -> dict[str, Record]:
-    """One record per rejection reason (monitor.wire.REJECT_REASONS): reason -> (key, value).
+    """One record per rejection reason (monitor.stream.wire.REJECT_REASONS): reason -> (key, value).
     'oversized' is just over `max_bytes` (match MONITOR_MAX_RECORD_BYTES)."""
     key = sensor_id.encode()
     good = {"sensor_id": sensor_id, "seq": 0, "values": [0.1, 0.2]}
@@ -326,8 +326,8 @@ def expected_alert_ids(flags: Mapping[str, Iterable[bool]], window_length: int, 
                        hop: int | None = None, seq0: int = 0) -> set[str]:
     """The alert ids the daemon must publish for sensors whose aligned windows (starting at seq0,
     one every `hop` samples) score anomalous (True) or not, under the k/n/m policy."""
-    from monitor.policy import AlertPolicy
-    from monitor.wire import AlertRecord
+    from monitor.stream.policy import AlertPolicy
+    from monitor.stream.wire import AlertRecord
 
     hop = hop or window_length
     policy, ids = AlertPolicy(k, n, m), set()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from monitor.batching import Batcher
-from monitor.windowing import Window
+from monitor.stream.batching import Batcher
+from monitor.stream.windowing import Window
 
 
 class FakeClock:

@@ -11,7 +11,7 @@ import pytest
 from bench import tally
 from bench.__main__ import main as bench_main
 from bench.scorer import MODELS, untrained_artefact
-from monitor.model import ModelConfig
+from monitor.core.model import ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from monitor.artefact import Artefact
+from monitor.core.artefact import Artefact
 from monitor.cli import main as cli_main
-from monitor.metrics import Metrics, metric_names
-from monitor.model import LSTMAutoencoder, ModelConfig
-from monitor.scoring import Scorer
-from monitor.settings import MonitorSettings
+from monitor.daemon.metrics import Metrics, metric_names
+from monitor.core.model import LSTMAutoencoder, ModelConfig
+from monitor.core.scoring import Scorer
+from monitor.daemon.settings import MonitorSettings
 
 
 def test_settings_read_environment_and_hide_secrets(monkeypatch):

@@ -22,7 +22,7 @@ import pytest
 from support import (REPO, MonitorProcess, Topics, consume_all, consume_json, expected_alert_ids, load_ecg5000,
                      malformed_records, monitor_env, produce, stream_records, wait_for)
 
-from monitor.wire import REJECT_REASONS
+from monitor.stream.wire import REJECT_REASONS
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ class Beats:
 
 @pytest.fixture(scope="module")
 def beats(trained_model, ecg_data_dir) -> Beats:
-    from monitor.scoring import Scorer
+    from monitor.core.scoring import Scorer
 
     scorer = Scorer.from_file(trained_model, device="cpu")
     x, labels = load_ecg5000(ecg_data_dir, ("TEST",))
@@ -138,7 +138,7 @@ def test_metrics_match_what_was_produced(run):
     expected.update({f'ecg_monitor_invalid_records_total{{reason="{r}"}}': 1 for r in REJECT_REASONS})
     # samples and active sensors are synced on the housekeeping tick: allow it a moment
     wait_for(lambda: run.monitor.metric("ecg_monitor_samples_total") == samples, 10)
-    metrics = run.monitor.metrics()
+    metrics = run.monitor.daemon.metrics()
     assert {name: metrics.get(name) for name in expected} == expected
     assert metrics["ecg_monitor_batch_size_windows_sum"] == windows
     assert metrics["ecg_monitor_offset_commits_total"] >= 1

@@ -8,7 +8,7 @@ import json
 import pytest
 from support import malformed_records
 
-from monitor.wire import REJECT_REASONS, DeadLetter, InvalidRecord, decode_input, encode_input
+from monitor.stream.wire import REJECT_REASONS, DeadLetter, InvalidRecord, decode_input, encode_input
 
 
 def test_a_valid_record_decodes():

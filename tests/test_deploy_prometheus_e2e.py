@@ -31,7 +31,7 @@ import pytest
 import requests
 import yaml
 
-from monitor.broker import free_port
+from monitor.tools.broker import free_port
 from support import (MonitorProcess, Topics, load_ecg5000, malformed_records, monitor_env, produce,
                      stream_records, wait_for)
 from test_deploy_static import JOB, alerting_rules, dashboard, dashboard_queries, grafana_to_promql, split_condition

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from monitor.metrics import Metrics, metric_names
-from monitor.settings import MonitorSettings
+from monitor.daemon.metrics import Metrics, metric_names
+from monitor.daemon.settings import MonitorSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -372,7 +372,7 @@ def test_dockerignore_keeps_secrets_and_clutter_out_of_the_context():
     patterns = _dockerignore()
     for path in (".env", "deploy/.env", ".git/config", ".venv/bin/python", "monitor/__pycache__/x.pyc", "tests/x.py"):
         assert _ignored(path, patterns), path
-    for path in ("pyproject.toml", "README.md", "monitor/daemon.py", "trainer/cli.py", "models/ecg-lstm-ae.pt"):
+    for path in ("pyproject.toml", "README.md", "monitor/daemon/loop.py", "trainer/cli.py", "models/ecg-lstm-ae.pt"):
         assert not _ignored(path, patterns), path
 
 

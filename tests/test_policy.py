@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.policy import FIRING, RESOLVED, AlertPolicy
+from monitor.stream.policy import FIRING, RESOLVED, AlertPolicy
 
 A, N = True, False
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitor.metrics import Metrics
-from monitor.settings import MonitorSettings
+from monitor.daemon.metrics import Metrics
+from monitor.daemon.settings import MonitorSettings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -32,11 +32,11 @@ from support import (MonitorProcess, Topics, consume_all, consume_json, expected
                      monitor_env, produce, stream_records, wait_for)
 
 from bench import tally
-from monitor.artefact import Artefact
-from monitor.broker import EmbeddedBroker, free_port
-from monitor.model import LSTMAutoencoder, ModelConfig
-from monitor.scoring import Scorer
-from monitor.wire import REJECT_REASONS, DeadLetter
+from monitor.core.artefact import Artefact
+from monitor.tools.broker import EmbeddedBroker, free_port
+from monitor.core.model import LSTMAutoencoder, ModelConfig
+from monitor.core.scoring import Scorer
+from monitor.stream.wire import REJECT_REASONS, DeadLetter
 
 pytestmark = [pytest.mark.reliability, pytest.mark.kafka, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import tally
-from monitor.wire import (MAX_RECORD_BYTES, REJECT_REASONS, DeadLetter, InputRecord, InvalidRecord,
+from monitor.stream.wire import (MAX_RECORD_BYTES, REJECT_REASONS, DeadLetter, InputRecord, InvalidRecord,
                           decode_input, encode_input)
 
 pytestmark = pytest.mark.reliability

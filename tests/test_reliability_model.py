@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import tally
-from monitor.artefact import Artefact, ArtefactError, _checksum
-from monitor.model import LSTMAutoencoder, ModelConfig
+from monitor.core.artefact import Artefact, ArtefactError, _checksum
+from monitor.core.model import LSTMAutoencoder, ModelConfig
 
 pytestmark = pytest.mark.reliability
 

@@ -11,9 +11,9 @@ import pytest
 from kafka import KafkaConsumer
 
 from monitor.cli import main as cli_main
-from monitor.replay import (BEAT_LENGTH, NORMAL_CLASS, build_ecg_streams, load_beat_pool, load_signal_streams,
+from monitor.tools.replay import (BEAT_LENGTH, NORMAL_CLASS, build_ecg_streams, load_beat_pool, load_signal_streams,
                             replay, resolve_rate)
-from monitor.wire import InputRecord, decode_input
+from monitor.stream.wire import InputRecord, decode_input
 
 
 @pytest.fixture(scope="module")

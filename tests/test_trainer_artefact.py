@@ -9,10 +9,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from monitor.artefact import Artefact, ArtefactError
-from monitor.model import LSTMAutoencoder, ModelConfig
-from monitor.scoring import Scorer
-from trainer import normalise
+from monitor.core.artefact import Artefact, ArtefactError
+from monitor.core.model import LSTMAutoencoder, ModelConfig
+from monitor.core.scoring import Scorer
+from monitor.core import normalise
 from trainer.fit import torch_threads
 from trainer.data import ECG5000_DIGEST
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from monitor.scoring import Scorer
+from monitor.core.scoring import Scorer
 from trainer.cli import main
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from monitor.scoring import Scorer
+from monitor.core.scoring import Scorer
 from trainer.fit import torch_threads
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.model import LSTMAutoencoder, ModelConfig
+from monitor.core.model import LSTMAutoencoder, ModelConfig
 from trainer.fit import l1_loss, train_autoencoder
 
 

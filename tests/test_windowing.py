@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.windowing import Windower
-from monitor.wire import InputRecord
+from monitor.stream.windowing import Windower
+from monitor.stream.wire import InputRecord
 
 L = 8
 

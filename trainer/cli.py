@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from pydantic import ValidationError
 
-from monitor.artefact import Artefact, ArtefactError
+from monitor.core.artefact import Artefact, ArtefactError
 from trainer.data import DataError
 from trainer.settings import TrainerSettings
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(handler=cmd_fit)
 
     evaluate = sub.add_parser("evaluate", help="re-evaluate an artefact on data",
-                              description="Score data with an artefact (through monitor.scoring.Scorer). The "
+                              description="Score data with an artefact (through monitor.core.scoring.Scorer). The "
                                           "data are split with the artefact's own seed and fractions, so "
                                           "--subset test is the held-out test set of its training run.")
     evaluate.add_argument("--model", type=Path, required=True, help="model artefact")

@@ -10,7 +10,7 @@ import numpy as np
 from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_fscore_support,
                              roc_auc_score)
 
-from monitor.scoring import Scorer
+from monitor.core.scoring import Scorer
 from trainer.data import ECG5000_CLASSES
 
 

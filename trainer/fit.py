@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from monitor.model import LSTMAutoencoder, ModelConfig
+from monitor.core.model import LSTMAutoencoder, ModelConfig
 
 
 @dataclass

@@ -22,11 +22,12 @@ import numpy as np
 import sklearn
 import torch
 
-from monitor.artefact import Artefact
-from monitor.model import ModelConfig
-from monitor.scoring import Scorer
+from monitor.core.artefact import Artefact
+from monitor.core.model import ModelConfig
+from monitor.core.scoring import Scorer
 from trainer import data as data_mod
-from trainer import normalise, plots
+from monitor.core import normalise
+from trainer import plots
 from trainer.evaluate import error_stats, evaluate, write_report
 from trainer.fit import FitResult, deterministic, torch_threads, train_autoencoder
 from trainer.settings import TrainerSettings

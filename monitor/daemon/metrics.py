@@ -67,7 +67,7 @@ class Metrics:
 
 
 def _reject_reasons() -> tuple[str, ...]:
-    from monitor.wire import REJECT_REASONS
+    from monitor.stream.wire import REJECT_REASONS
 
     return REJECT_REASONS
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from monitor.model import ModelConfig
+from monitor.core.model import ModelConfig
 
 FORMAT_NAME = "ecg-monitor/lstm-autoencoder"
 FORMAT_VERSION = 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from monitor.windowing import Window
+from monitor.stream.windowing import Window
 
 
 class Batcher:

@@ -27,7 +27,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from monitor.wire import encode_input
+from monitor.stream.wire import encode_input
 
 BEAT_LENGTH = 140
 ECG_FS = 140.0
@@ -423,7 +423,7 @@ def ensure_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike | N
 
 def producer_options() -> dict:
     """Security options (SASL/SSL) from the monitor's settings, so one .env serves both."""
-    from monitor.settings import MonitorSettings
+    from monitor.daemon.settings import MonitorSettings
 
     options = MonitorSettings().kafka_common()
     options.pop("bootstrap_servers")

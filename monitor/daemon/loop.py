@@ -29,18 +29,18 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from monitor import __version__
-from monitor.batching import Batcher
-from monitor.http import Health, HttpServer
-from monitor.kafka_io import Outbox, RebalanceListener, make_consumer, make_producer
-from monitor.logs import setup_logging
-from monitor.metrics import Metrics
-from monitor.policy import AlertPolicy
-from monitor.scoring import ArtefactError, Scorer
-from monitor.settings import MonitorSettings, load_settings
-from monitor.windowing import Window, Windower
-from monitor.wire import AlertRecord, DeadLetter, InvalidRecord, ScoreRecord, decode_input
+from monitor.stream.batching import Batcher
+from monitor.daemon.http import Health, HttpServer
+from monitor.daemon.kafka_io import Outbox, RebalanceListener, make_consumer, make_producer
+from monitor.daemon.logs import setup_logging
+from monitor.daemon.metrics import Metrics
+from monitor.stream.policy import AlertPolicy
+from monitor.core.scoring import ArtefactError, Scorer
+from monitor.daemon.settings import MonitorSettings, load_settings
+from monitor.stream.windowing import Window, Windower
+from monitor.stream.wire import AlertRecord, DeadLetter, InvalidRecord, ScoreRecord, decode_input
 
-log = logging.getLogger("monitor.daemon")
+log = logging.getLogger("monitor.daemon.loop")
 
 COMMIT_INTERVAL_S = 1.0  # commits are cheap but not free; at most one a second unless forced
 HOUSEKEEPING_INTERVAL_S = 1.0  # idle eviction, reorder timeouts, gauges
@@ -280,7 +280,7 @@ class Monitor:
     def safe_offsets(self) -> dict[int, int]:
         """Per partition, the offset to commit: below every record still needed (buffered, stashed or
         in a pending window), else the next offset to process; then moved below any alert-policy
-        stretch a replay must not start inside (see monitor.policy)."""
+        stretch a replay must not start inside (see monitor.stream.policy)."""
         buffered, pending = self.windower.needed_offsets(), self.batcher.needed_offsets()
         safe = {}
         for partition, position in self.positions.items():

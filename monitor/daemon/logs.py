@@ -35,7 +35,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`2025-01-01T12:00:00 INFO monitor.daemon: message key=value ...`"""
+    """`2025-01-01T12:00:00 INFO monitor.daemon.loop: message key=value ...`"""
 
     def format(self, record: logging.LogRecord) -> str:
         when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))

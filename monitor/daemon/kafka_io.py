@@ -14,7 +14,7 @@ from typing import Any, Callable
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
-from monitor.settings import MonitorSettings
+from monitor.daemon.settings import MonitorSettings
 
 log = logging.getLogger(__name__)
 

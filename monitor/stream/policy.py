@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from monitor.windowing import SensorKey
+from monitor.stream.windowing import SensorKey
 
 FIRING, RESOLVED = "firing", "resolved"
 

@@ -27,12 +27,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from monitor.replay import (BEAT_LENGTH, ECG_FS, SensorStream, build_ecg_streams, ensure_data, load_beat_pool,
+from monitor.tools.replay import (BEAT_LENGTH, ECG_FS, SensorStream, build_ecg_streams, ensure_data, load_beat_pool,
                             parse_rate, replay)
-from monitor.wire import AlertRecord
+from monitor.stream.wire import AlertRecord
 
 if TYPE_CHECKING:
-    from monitor.artefact import Artefact
+    from monitor.core.artefact import Artefact
 
 INPUT_TOPIC, ALERTS_TOPIC, DLQ_TOPIC = "ecg.samples", "ecg.alerts", "ecg.samples.dlq"
 PARTITIONS = 4
@@ -394,7 +394,7 @@ class DemoError(RuntimeError):
 
 def missing_dependencies() -> str | None:
     """A clear message when the optional demo packages are absent, else None."""
-    from monitor.broker import BrokerUnavailable, tansu_binary
+    from monitor.tools.broker import BrokerUnavailable, tansu_binary
 
     try:
         import rich  # noqa: F401
@@ -427,7 +427,7 @@ TRAINED_MODEL = Path("models/ecg-lstm-ae.pt")
 def ensure_model(args: argparse.Namespace, data_dir: Path, console) -> Path:
     """--model; else the trainer's models/ecg-lstm-ae.pt or the cached demo model, whichever
     loads first; else train the demo model (first run, or --retrain)."""
-    from monitor.artefact import Artefact, ArtefactError
+    from monitor.core.artefact import Artefact, ArtefactError
 
     if args.model:
         return args.model
@@ -477,7 +477,7 @@ def pick_port(preferred: int) -> int:
     """The preferred port when it is free, else any free one."""
     import socket
 
-    from monitor.broker import free_port
+    from monitor.tools.broker import free_port
 
     if preferred:
         with socket.socket() as s:
@@ -527,8 +527,8 @@ class StopOnSignals:
 
 
 def run_demo(args: argparse.Namespace, console, stop: threading.Event) -> dict:
-    from monitor.artefact import Artefact
-    from monitor.broker import EmbeddedBroker
+    from monitor.core.artefact import Artefact
+    from monitor.tools.broker import EmbeddedBroker
 
     data_dir = ensure_data(args.data, args.cache_dir)
     model_path = ensure_model(args, data_dir, console)

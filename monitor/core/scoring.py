@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monitor.artefact import Artefact, ArtefactError
-from monitor.model import LSTMAutoencoder
+from monitor.core.artefact import Artefact, ArtefactError
+from monitor.core.model import LSTMAutoencoder
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from monitor.wire import InputRecord
+from monitor.stream.wire import InputRecord
 
 SensorKey = tuple[int, str]  # (partition, sensor_id)
 

@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from monitor.settings import MonitorSettings, load_settings
+from monitor.daemon.settings import MonitorSettings, load_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def _settings_summary(settings: MonitorSettings) -> dict[str, Any]:
 
 
 def check_model(settings: MonitorSettings, problems: list[str]) -> dict[str, Any] | None:
-    from monitor.scoring import ArtefactError, Scorer
+    from monitor.core.scoring import ArtefactError, Scorer
 
     try:
         scorer = Scorer.from_file(settings.model_path, device=settings.device, max_batch=settings.max_batch)
