@@ -50,7 +50,7 @@ class Metrics:
 
         self.batch_size = Histogram(f"{p}_batch_size_windows", "Windows per scoring batch", buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.scoring_latency = Histogram(f"{p}_scoring_latency_seconds", "Time to score one batch", buckets=LATENCY_BUCKETS, registry=r)
-        self.end_to_end_latency = Histogram(f"{p}_end_to_end_latency_seconds", "From the ts of a window's last record to the publication of its result", buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end_latency = Histogram(f"{p}_end_to_end_latency_seconds", "From the ts (epoch seconds of its first sample) of the record that completed a window to the broker's acknowledgement of the flush after the window was scored", buckets=LATENCY_BUCKETS, registry=r)
         self.reconstruction_error = Histogram(f"{p}_reconstruction_error", "Reconstruction error per scored window (score units)", buckets=[threshold * f for f in ERROR_BUCKET_FACTORS], registry=r)
 
         self.consumer_lag = Gauge(f"{p}_consumer_lag_records", "Records behind the end of the assigned input partitions", registry=r)

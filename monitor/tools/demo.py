@@ -87,8 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class SendLog:
-    """When each record was produced, so an alert's latency can be measured from the
-    production time of its window's last record."""
+    """Each record's `ts` (its first sample's time), so an alert's latency can be measured from
+    the `ts` of its window's last record."""
 
     samples_per_message: int
     sent_at: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -371,7 +371,7 @@ def render_summary(console, summary: dict) -> None:
         ("missed", ", ".join(sorted(set(injected) - set(detected))) or "none"),
         ("false alerts", describe_false_alerts(summary)),
         ("alert latency", f"p50 {ms(summary['alert_latency_s']['p50'])}, p99 {ms(summary['alert_latency_s']['p99'])} "
-                          "(last record of the window produced -> alert published)"),
+                          "(ts of the window's last record -> detected_at, when the monitor decided)"),
         ("window latency", f"p50 {ms(summary['window_latency_s']['p50'])}, "
                            f"p99 {ms(summary['window_latency_s']['p99'])} (all windows, from /metrics)"),
         ("model", f"{summary['model'].get('path')} (threshold {summary['model'].get('threshold', 0):.4f})"),

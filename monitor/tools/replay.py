@@ -289,9 +289,12 @@ def replay(target, topic: str, streams: Sequence[SensorStream], rate: Rate | str
     `target` is a KafkaProducer (flushed, left open) or a bootstrap string (a producer is made
     and closed). Each tick sends the next `samples_per_message` samples of every sensor; ticks
     are paced on an absolute schedule so the rate does not drift, and the call returns when the
-    schedule ends (sending 60 s of signal in real time takes 60 s). `ts` on each record is the
-    wall-clock time it was produced. `loop` repeats the streams (seq keeps increasing) until
-    `duration` or `stop`; without it each stream is sent once.
+    schedule ends (sending 60 s of signal in real time takes 60 s). `ts` on each record is, as the
+    wire format defines it, the epoch time of its first sample: on a paced replay that sample's
+    place on the schedule (start + seq / rate, so a producer that falls behind does not hide the
+    delay); with `max` there is no schedule and it is the time the record is produced. `loop`
+    repeats the streams (seq keeps increasing) until `duration` or `stop`; without it each stream
+    is sent once.
     """
     if samples_per_message < 1:
         raise ValueError("samples_per_message must be >= 1")
@@ -310,7 +313,7 @@ def replay(target, topic: str, streams: Sequence[SensorStream], rate: Rate | str
     bar = _progress_bar(progress, total_ticks * len(streams) if total_ticks is not None else None)
     records = samples = tick = 0
     interrupted = False
-    start = time.monotonic()
+    start, wall_start = time.monotonic(), time.time()
     try:
         while total_ticks is None or tick < total_ticks:
             if (stop is not None and stop.is_set()) or (duration is not None and time.monotonic() - start >= duration):
@@ -324,7 +327,7 @@ def replay(target, topic: str, streams: Sequence[SensorStream], rate: Rate | str
                 chunk = stream.chunk(seq, samples_per_message, loop)
                 if not len(chunk):
                     continue
-                ts = time.time()
+                ts = wall_start + tick * interval if interval else time.time()  # the first sample's time
                 producer.send(topic, key=key, value=encode_input(stream.sensor_id, seq, chunk.tolist(), ts=ts,
                                                                  fs=stream.fs)).add_errback(count_error)
                 if on_send is not None:
