@@ -371,7 +371,7 @@ def render_summary(console, summary: dict) -> None:
         ("missed", ", ".join(sorted(set(injected) - set(detected))) or "none"),
         ("false alerts", describe_false_alerts(summary)),
         ("alert latency", f"p50 {ms(summary['alert_latency_s']['p50'])}, p99 {ms(summary['alert_latency_s']['p99'])} "
-                          "(ts of the window's last record -> detected_at, when the monitor decided)"),
+                          "(ts of the window's last record -> detected_at)"),
         ("window latency", f"p50 {ms(summary['window_latency_s']['p50'])}, "
                            f"p99 {ms(summary['window_latency_s']['p99'])} (all windows, from /metrics)"),
         ("model", f"{summary['model'].get('path')} (threshold {summary['model'].get('threshold', 0):.4f})"),
