@@ -7,6 +7,7 @@ The same through the real broker (10k bad records among good ones) is in test_re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
@@ -16,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import tally
-from monitor.stream.wire import (MAX_RECORD_BYTES, REJECT_REASONS, DeadLetter, InputRecord, InvalidRecord,
-                          decode_input, encode_input)
+from monitor.stream.wire import (DEAD_LETTER_MAX_BYTES, DEAD_LETTER_VALUE_BYTES, FLOAT32_MAX, INT64_MAX,
+                                 MAX_RECORD_BYTES, REJECT_REASONS, DeadLetter, InputRecord, InvalidRecord,
+                                 decode_input, dead_letter_max_bytes, encode_input)
 
 pytestmark = pytest.mark.reliability
 
@@ -41,14 +43,20 @@ def check(key: bytes | None, value: bytes | None, max_bytes: int = MAX_RECORD_BY
         assert error.reason in REJECT_REASONS
         assert error.detail
         letter = DeadLetter.of(error, "ecg.samples", 3, 1812, key, value)
-        back = DeadLetter.model_validate_json(letter.to_bytes())
+        encoded = letter.to_bytes()
+        assert len(encoded) <= DEAD_LETTER_MAX_BYTES
+        back = DeadLetter.model_validate_json(encoded)
         assert back.reason == error.reason
-        assert back.original_value() == value
+        if value is not None and len(value) > DEAD_LETTER_VALUE_BYTES:
+            assert back.value_truncated and back.value_prefix() == value[:DEAD_LETTER_VALUE_BYTES]
+            assert (back.value_size, back.value_sha256) == (len(value), hashlib.sha256(value).hexdigest())
+        else:
+            assert back.original_value() == value
         assert dict(letter.headers())["dlq.reason"] == error.reason.encode()
         return None
     assert value is not None and len(value) <= max_bytes
-    assert record.sensor_id and record.seq >= 0 and record.values
-    assert all(math.isfinite(v) for v in record.values)
+    assert record.sensor_id.isprintable() and 0 <= record.seq < record.end_seq <= INT64_MAX
+    assert all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in record.values)
     assert key is None or key == record.sensor_id.encode()
     assert decode_input(key, record.to_bytes()) == record
     return record
@@ -146,3 +154,13 @@ def test_oversized_records_are_rejected_whatever_they_hold(n_values, limit):
         decode_input(b"patient-1", garbage, max_bytes=limit)
     assert error.value.reason == "oversized"
     check(b"patient-1", garbage, max_bytes=limit)
+
+
+@FUZZ
+@given(key=st.none() | st.binary(max_size=5000), value=st.none() | st.binary(max_size=300_000),
+       detail=st.text(max_size=3000), cap=st.integers(0, 300_000), topic=st.text("abc.-_", min_size=1, max_size=249))
+def test_every_dead_letter_fits_its_size_bound(key, value, detail, cap, topic):
+    letter = DeadLetter.of(InvalidRecord("oversized", detail), topic, 2**31 - 1, INT64_MAX, key, value,
+                           max_value_bytes=cap)
+    assert len(letter.to_bytes()) <= dead_letter_max_bytes(cap)
+    assert sum(len(k) + len(v) for k, v in letter.headers()) < 300

@@ -7,11 +7,14 @@ scores and dead letters go out. Everything is UTF-8 JSON; see README "Wire forma
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 #: Default cap on the size of one input record; the settings can change it.
 MAX_RECORD_BYTES = 1 << 20
@@ -26,7 +29,29 @@ REJECT_REASONS = (
     "key_mismatch",
 )
 
-SensorId = Annotated[str, Field(min_length=1, max_length=256)]
+#: Sample positions are published as window bounds, which consumers read as 64-bit integers.
+INT64_MAX = 2**63 - 1
+#: The largest finite float32 (np.finfo(np.float32).max): samples are scored as float32, so a
+#: larger value, finite in JSON, would become inf and then a NaN score.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _printable(sensor_id: str) -> str:
+    # A newline, an escape sequence or an invisible character in an id would forge log lines,
+    # alert texts and metric labels; str.isprintable() refuses control, format and separator
+    # characters (all but the plain space).
+    if not sensor_id.isprintable():
+        raise PydanticCustomError("control_characters", "must not contain control, format or separator characters")
+    return sensor_id
+
+
+def _within_float32(values: list[float]) -> list[float]:
+    if max(values) > FLOAT32_MAX or min(values) < -FLOAT32_MAX:
+        raise PydanticCustomError("non_finite", "a value is beyond the float32 range (it would score as inf)")
+    return values
+
+
+SensorId = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_printable)]
 
 
 class InputRecord(BaseModel):
@@ -35,10 +60,16 @@ class InputRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False, strict=False)
 
     sensor_id: SensorId
-    seq: Annotated[int, Field(ge=0, strict=True)]
-    values: Annotated[list[Annotated[float, Field(strict=True)]], Field(min_length=1)]
+    seq: Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]
+    values: Annotated[list[Annotated[float, Field(strict=True)]], Field(min_length=1), AfterValidator(_within_float32)]
     ts: Annotated[float | None, Field(description="epoch seconds of the first sample")] = None
     fs: Annotated[float | None, Field(gt=0, description="sampling rate in Hz")] = None
+
+    @model_validator(mode="after")
+    def _end_within_int64(self) -> InputRecord:
+        if self.end_seq > INT64_MAX:
+            raise PydanticCustomError("seq_range", "seq + len(values) must not exceed the int64 range")
+        return self
 
     @property
     def end_seq(self) -> int:
@@ -80,7 +111,7 @@ def _reason_for(exc: ValidationError) -> tuple[str, str]:
     kind = first["type"]
     if kind in ("json_invalid", "json_type"):
         return "not_json", detail
-    if kind == "finite_number":
+    if kind in ("finite_number", "non_finite"):
         return "non_finite", detail
     if kind == "too_short" and first["loc"] == ("values",):
         return "empty_values", detail
@@ -129,8 +160,40 @@ class ScoreRecord(BaseModel):
         return self.model_dump_json().encode()
 
 
+#: Most bytes of a rejected record's value that its dead letter carries (MONITOR_DLQ_MAX_VALUE_BYTES);
+#: a longer value is cut to this prefix and identified by its size and SHA-256.
+DEAD_LETTER_VALUE_BYTES = 64 * 1024
+#: The largest cap the settings accept: even then a dead letter stays far below the producer's
+#: max_request_size (1 MiB by default), so producing it can never fail for its size.
+DEAD_LETTER_VALUE_BYTES_LIMIT = 256 * 1024
+#: Most bytes of the record's key carried, in the body and as the dead letter's own Kafka key.
+DEAD_LETTER_KEY_BYTES = 1024
+#: Most characters of the rejection detail carried.
+DEAD_LETTER_DETAIL_CHARS = 1000
+
+
+def dead_letter_max_bytes(max_value_bytes: int = DEAD_LETTER_VALUE_BYTES) -> int:
+    """An upper bound on one encoded dead letter (body only; its headers add < 300 bytes)."""
+    # JSON escapes a control character as 6 bytes; a topic name has at most 249 characters.
+    text = 6 * (DEAD_LETTER_DETAIL_CHARS + 249 + max(map(len, REJECT_REASONS)))
+    return _base64_len(max_value_bytes) + _base64_len(DEAD_LETTER_KEY_BYTES) + text + 1024
+
+
+def _base64_len(n: int) -> int:
+    return 4 * -(-n // 3)
+
+
+#: The bound at the default cap.
+DEAD_LETTER_MAX_BYTES = dead_letter_max_bytes()
+
+
 class DeadLetter(BaseModel):
-    """A rejected input record, with where it came from and why it was refused."""
+    """A rejected input record, with where it came from and why it was refused.
+
+    Size policy: it carries the whole key and value when they are small, else their first
+    DEAD_LETTER_KEY_BYTES / `max_value_bytes` bytes, with the original sizes and the value's
+    SHA-256; so a dead letter is at most `dead_letter_max_bytes()` and can always be produced.
+    The full record stays on the source topic at `source_offset` until retention removes it."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -142,37 +205,60 @@ class DeadLetter(BaseModel):
     key_b64: str | None
     value_b64: str | None
     rejected_at: float
+    # Absent from dead letters written before the size cap (then the value was always whole).
+    key_size: int | None = None
+    value_size: int | None = None
+    value_sha256: str | None = None
+    value_truncated: bool = False
 
     @classmethod
     def of(cls, error: InvalidRecord, topic: str, partition: int, offset: int,
-           key: bytes | None, value: bytes | None) -> "DeadLetter":
+           key: bytes | None, value: bytes | None, max_value_bytes: int = DEAD_LETTER_VALUE_BYTES) -> DeadLetter:
         return cls(
             reason=error.reason,
-            detail=error.detail[:1000],
+            detail=error.detail[:DEAD_LETTER_DETAIL_CHARS],
             source_topic=topic,
             source_partition=partition,
             source_offset=offset,
-            key_b64=_b64(key),
-            value_b64=_b64(value),
+            key_b64=_b64(None if key is None else key[:DEAD_LETTER_KEY_BYTES]),
+            value_b64=_b64(None if value is None else value[:max_value_bytes]),
             rejected_at=time.time(),
+            key_size=None if key is None else len(key),
+            value_size=None if value is None else len(value),
+            value_sha256=None if value is None else hashlib.sha256(value).hexdigest(),
+            value_truncated=value is not None and len(value) > max_value_bytes,
         )
 
-    def original_value(self) -> bytes | None:
+    def key(self) -> bytes | None:
+        """The key carried (its first DEAD_LETTER_KEY_BYTES bytes): the dead letter's own Kafka key."""
+        return None if self.key_b64 is None else base64.b64decode(self.key_b64)
+
+    def value_prefix(self) -> bytes | None:
+        """The value carried: the whole value, or its first bytes when `value_truncated`."""
         return None if self.value_b64 is None else base64.b64decode(self.value_b64)
+
+    def original_value(self) -> bytes | None:
+        """The rejected record's value; ValueError when the dead letter carries only a prefix."""
+        if self.value_truncated:
+            raise ValueError(f"value truncated to {len(self.value_prefix() or b'')} of {self.value_size} bytes; "
+                             f"the record is at {self.source_topic}/{self.source_partition}/{self.source_offset}")
+        return self.value_prefix()
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
 
     def headers(self) -> list[tuple[str, bytes]]:
         """Kafka headers, so operators can filter the DLQ without parsing values."""
-        return [("dlq.reason", self.reason.encode()), ("dlq.source", f"{self.source_topic}/{self.source_partition}/{self.source_offset}".encode())]
+        return [("dlq.reason", self.reason.encode()),
+                ("dlq.source", f"{self.source_topic}/{self.source_partition}/{self.source_offset}".encode())]
 
 
 def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode()
 
 
-def encode_input(sensor_id: str, seq: int, values, ts: float | None = None, fs: float | None = None) -> bytes:
+def encode_input(sensor_id: str, seq: int, values: Iterable[float], ts: float | None = None,
+                 fs: float | None = None) -> bytes:
     """Fast path for producers (the replayer): plain json, no model round trip."""
     record = {"sensor_id": sensor_id, "seq": int(seq), "values": [float(v) for v in values]}
     if ts is not None:
