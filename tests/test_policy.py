@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.stream.policy import FIRING, RESOLVED, AlertPolicy
+from monitor.stream.policy import (FIRING, RESOLVED, SIGNAL_QUALITY, AlertPolicy, ScorePolicy, ScorePolicyConfig,
+                                   ScoreState)
 
 A, N = True, False
 
@@ -109,3 +112,68 @@ def test_a_restart_from_the_safe_offset_re_derives_the_same_transitions(sensors,
     for offset, s, flag in windows:
         if offset >= committed:
             assert replay.observe((0, f"s{s}"), flag, offset) == expected[offset], offset
+
+
+# -- the calibrated-score policy -------------------------------------------------------------
+
+KEY = (0, "s")
+
+
+def scores(policy: ScorePolicy, values, **flags) -> list:
+    return [policy.observe(KEY, v, **flags) for v in values]
+
+
+def test_mean_fires_above_fire_level_once_and_resolves_after_m_beats_below_resolve_level():
+    policy = ScorePolicy(ScorePolicyConfig(aggregate="mean", window=3, fire_level=4, resolve_level=2, resolve_beats=2))
+    got = scores(policy, [0, 6, 6, 6, 6, 0, 0, 0, 0, 0])
+    # means: 0, 2, 4, 6 (fires), 6, 4, 2, 0 (1st below 2), 0 (2nd: resolves), 0
+    assert got == [[], [], [], [FIRING], [], [], [], [], [RESOLVED], []]
+
+
+def test_hysteresis_no_flapping_between_the_two_levels():
+    policy = ScorePolicy(ScorePolicyConfig(window=1, fire_level=4, resolve_level=2, resolve_beats=1))
+    got = scores(policy, [5, 3, 5, 3, 5, 1, 5])
+    assert got == [[FIRING], [], [], [], [], [RESOLVED], [FIRING]]
+
+
+def test_ewma_and_cusum_aggregates():
+    ewma = ScorePolicy(ScorePolicyConfig(aggregate="ewma", alpha=0.5, fire_level=3, resolve_level=1))
+    assert scores(ewma, [4, 4, 4]) == [[], [], [FIRING]]  # 2, 3, 3.5
+    cusum = ScorePolicy(ScorePolicyConfig(aggregate="cusum", drift=1, fire_level=4, resolve_level=0.5))
+    assert scores(cusum, [3, 3, 3]) == [[], [], [FIRING]]  # 2, 4, 6
+
+
+def test_no_ordinary_alert_while_calibrating_but_a_run_of_gross_beats_fires():
+    policy = ScorePolicy(ScorePolicyConfig(window=1, fire_level=2, resolve_level=1, resolve_beats=2, gross_beats=2))
+    assert scores(policy, [9, 9, 9], calibrating=True) == [[], [], []]
+    got = [policy.observe(KEY, 9, calibrating=True, gross=g) for g in (True, True, True, False, False)]
+    assert got == [[], [FIRING], [], [], [RESOLVED]]
+
+
+def test_bad_quality_beats_never_raise_anomaly_alerts_and_raise_rate_limited_signal_quality():
+    config = ScorePolicyConfig(window=1, fire_level=2, resolve_level=1, quality_window=4, quality_bad_beats=2,
+                               quality_interval_beats=10)
+    policy = ScorePolicy(config)
+    got = [policy.observe(KEY, 50, gross=True, good_quality=False) for _ in range(15)]
+    assert got[1] == [SIGNAL_QUALITY] and got[11] == [SIGNAL_QUALITY]
+    assert sum(len(t) for t in got) == 2 and not policy.is_open(KEY)
+
+
+def test_policy_state_round_trips_and_a_restored_sensor_continues_identically():
+    config = ScorePolicyConfig(window=3, fire_level=3, resolve_level=1)
+    values = [0.5, 4, 5, 6, 0, 0, 0, 0, 0, 0, 7, 8, 9, 0]
+    a, b = ScorePolicy(config), ScorePolicy(config)
+    scores(a, values[:3])
+    scores(b, values[:3])
+    restored = ScorePolicy(config)
+    restored.restore(KEY, json.loads(json.dumps(b.snapshot(KEY))))
+    assert scores(a, values[3:]) == scores(restored, values[3:])
+    assert a.snapshot(KEY) == restored.snapshot(KEY)
+    assert ScoreState.from_dict(a.snapshot(KEY)) == a._states[KEY]
+
+
+def test_invalid_policy_configs_are_refused():
+    with pytest.raises(ValueError):
+        ScorePolicyConfig(fire_level=1, resolve_level=2)
+    with pytest.raises(ValueError):
+        ScorePolicyConfig(aggregate="max")

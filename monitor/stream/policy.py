@@ -23,7 +23,9 @@ replay; a crash during such a long episode can re-fire it under a new id.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from monitor.stream.windowing import SensorKey
 
@@ -32,7 +34,7 @@ FIRING, RESOLVED = "firing", "resolved"
 
 @dataclass(slots=True)
 class _State:
-    flags: deque  # anomalous? for the last n windows
+    flags: deque[bool]  # anomalous? for the last n windows
     open: bool = False
     normal_run: int = 0
     anchor: int | None = None  # first offset of the first window of the current stretch
@@ -45,9 +47,10 @@ class AlertPolicy:
     n: int = 3
     m: int = 3
     max_hold_windows: int = 1000
-    _states: dict = field(default_factory=dict)  # SensorKey -> _State
-    _anchors: dict = field(default_factory=dict)  # partition -> {sensor_id: anchor offset}
-    _spans: dict = field(default_factory=dict)  # partition -> [(start, end)] of closed stretches
+    _states: dict[SensorKey, _State] = field(default_factory=dict)
+    _anchors: dict[int, dict[str, int]] = field(default_factory=dict)  # partition -> {sensor_id: anchor offset}
+    # partition -> [(start, end)] of closed stretches
+    _spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.n or self.m < 1:
@@ -78,6 +81,7 @@ class AlertPolicy:
         st.held += 1
         recent = sum(st.flags) - (st.flags[0] if len(st.flags) == self.n else 0)  # last n-1
         if not st.open and recent == 0:  # idle again: the stretch is closed
+            assert st.anchor is not None  # only called on an anchored stretch
             self._spans.setdefault(key[0], []).append((st.anchor, first_offset))
             self._clear_anchor(key, st)
         elif st.held >= self.max_hold_windows:
@@ -130,6 +134,159 @@ class AlertPolicy:
         for partition in partitions:
             self._anchors.pop(partition, None)
             self._spans.pop(partition, None)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+# -- the calibrated-score policy (round 2) -------------------------------------------------------
+
+SIGNAL_QUALITY = "signal_quality"
+AGGREGATES = ("mean", "ewma", "cusum")
+
+
+@dataclass(frozen=True)
+class ScorePolicyConfig:
+    """An aggregate of recent calibrated scores with hysteresis; see `ScorePolicy`.
+
+    Defaults are the operating point measured on ECG5000 streams for 1 false alert per
+    sensor-hour (`trainer.streams.choose_operating_point`); a trainer report gives the curve.
+    """
+
+    aggregate: str = "mean"  # "mean" of the last `window` scores, "ewma" (alpha) or "cusum" (drift)
+    window: int = 3
+    alpha: float = 0.5
+    drift: float = 1.0
+    fire_level: float = 4.0
+    resolve_level: float = 2.0
+    resolve_beats: int = 5  # m: the aggregate stays below resolve_level this long to resolve
+    gross_beats: int = 2  # this many consecutive gross beats fire at any time (also while calibrating)
+    quality_window: int = 10  # beats over which bad signal quality is counted
+    quality_bad_beats: int = 5  # bad beats among them that raise a signal_quality alert
+    quality_interval_beats: int = 300  # at most one signal_quality alert per this many beats
+
+    def __post_init__(self) -> None:
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, not {self.aggregate!r}")
+        if self.resolve_level > self.fire_level:
+            raise ValueError(f"resolve_level {self.resolve_level} > fire_level {self.fire_level}")
+        if min(self.window, self.resolve_beats, self.gross_beats, self.quality_bad_beats) < 1 \
+                or self.quality_bad_beats > self.quality_window or not 0 < self.alpha <= 1:
+            raise ValueError(f"invalid policy config {self}")
+
+
+@dataclass
+class ScoreState:
+    """One sensor's policy state (small, bounded: at most `window` + `quality_window` entries)."""
+
+    recent: list[float] = field(default_factory=list)  # last `window` scores (mean only)
+    value: float = 0.0  # the aggregate
+    open: bool = False
+    below: int = 0  # consecutive fed beats with the aggregate below resolve_level (while open)
+    gross_run: int = 0
+    quality: list[bool] = field(default_factory=list)  # bad? for the last quality_window beats
+    quality_cooldown: int = 0  # beats before another signal_quality alert may be raised
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recent": list(self.recent), "value": self.value, "open": self.open, "below": self.below,
+                "gross_run": self.gross_run, "quality": [int(b) for b in self.quality],
+                "quality_cooldown": self.quality_cooldown}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScoreState:
+        return cls([float(x) for x in data["recent"]], float(data["value"]), bool(data["open"]),
+                   int(data["below"]), int(data["gross_run"]), [bool(b) for b in data["quality"]],
+                   int(data["quality_cooldown"]))
+
+
+class ScorePolicy:
+    """Per sensor, on calibrated beat scores (monitor.stream.calibration):
+
+    - the aggregate (mean of the last `window` scores, EWMA, or CUSUM ``max(0, S + score - drift)``)
+      is fed with good-quality, calibrated beats only;
+    - closed -> firing: the aggregate exceeds `fire_level`, or `gross_beats` consecutive gross
+      beats arrive (the only way to fire while the sensor calibrates);
+    - firing -> resolved: the aggregate stays below `resolve_level` for `resolve_beats` fed beats
+      (with no gross beat among them); the next alert then needs the aggregate to rise again;
+    - bad-quality beats never feed the aggregate (scored, never an anomaly alert); when
+      `quality_bad_beats` of the last `quality_window` beats are bad, a one-shot `signal_quality`
+      alert is raised, at most one per `quality_interval_beats` beats.
+
+    `observe` returns the transitions of this beat (usually none); alert ids stay deterministic
+    when the caller names them by the beat (`AlertRecord.make_id(sensor, beat seq, state)`).
+    The state of a sensor is restored with `restore(key, snapshot(key))` (e.g. from a changelog),
+    so no replay of earlier beats is needed.
+    """
+
+    def __init__(self, config: ScorePolicyConfig | None = None) -> None:
+        self.config = config or ScorePolicyConfig()
+        self._states: dict[SensorKey, ScoreState] = {}
+
+    def observe(self, key: SensorKey, score: float, *, calibrating: bool = False, gross: bool = False,
+                good_quality: bool = True) -> list[str]:
+        st = self._states.get(key)
+        if st is None:
+            st = self._states[key] = ScoreState()
+        transitions = self._quality(st, not good_quality)
+        if not good_quality:
+            st.gross_run = 0
+            return transitions
+        st.gross_run = st.gross_run + 1 if gross else 0
+        if not calibrating:
+            self._feed(st, score)
+        if not st.open:
+            if st.gross_run >= self.config.gross_beats or (not calibrating and st.value > self.config.fire_level):
+                st.open, st.below = True, 0
+                transitions.append(FIRING)
+        else:
+            st.below = st.below + 1 if st.value < self.config.resolve_level and not gross else 0
+            if st.below >= self.config.resolve_beats:
+                st.open = False
+                transitions.append(RESOLVED)
+        return transitions
+
+    def _feed(self, st: ScoreState, score: float) -> None:
+        c = self.config
+        if c.aggregate == "mean":
+            st.recent = [*st.recent[-(c.window - 1):], score] if c.window > 1 else [score]
+            # Until the window is full, missing beats count as 0 (a sensor's median beat).
+            st.value = sum(st.recent) / c.window
+        elif c.aggregate == "ewma":
+            st.value = c.alpha * score + (1 - c.alpha) * st.value  # starts from 0, the median beat
+        else:
+            st.value = max(0.0, st.value + score - c.drift)
+
+    def _quality(self, st: ScoreState, bad: bool) -> list[str]:
+        c = self.config
+        st.quality = [*st.quality[-(c.quality_window - 1):], bad] if c.quality_window > 1 else [bad]
+        st.quality_cooldown = max(0, st.quality_cooldown - 1)
+        if bad and st.quality_cooldown == 0 and sum(st.quality) >= c.quality_bad_beats:
+            st.quality_cooldown = c.quality_interval_beats
+            return [SIGNAL_QUALITY]
+        return []
+
+    def is_open(self, key: SensorKey) -> bool:
+        st = self._states.get(key)
+        return bool(st and st.open)
+
+    def aggregate(self, key: SensorKey) -> float | None:
+        st = self._states.get(key)
+        return None if st is None else st.value
+
+    def snapshot(self, key: SensorKey) -> dict[str, Any] | None:
+        st = self._states.get(key)
+        return None if st is None else st.to_dict()
+
+    def restore(self, key: SensorKey, data: Mapping[str, Any]) -> None:
+        self._states[key] = ScoreState.from_dict(data)
+
+    def forget(self, keys: list[SensorKey]) -> None:
+        for key in keys:
+            self._states.pop(key, None)
+
+    def drop_partitions(self, partitions: set[int]) -> None:
+        for key in [k for k in self._states if k[0] in partitions]:
+            del self._states[key]
 
     def __len__(self) -> int:
         return len(self._states)
