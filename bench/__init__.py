@@ -1,2 +1,2 @@
 """Benchmarks: `python -m bench` (or `make bench`) measures the scorer and the daemon end to end
-and writes JSON + Markdown to bench/results/. See README "Benchmarks and reliability"."""
+and writes JSON + Markdown to bench/results/. See docs/benchmarks.md."""

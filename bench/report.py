@@ -1,4 +1,4 @@
-"""Results as Markdown tables, ready to paste into the README."""
+"""Results as Markdown tables and a plot, in bench/results/ (docs/benchmarks.md links them)."""
 
 from __future__ import annotations
 

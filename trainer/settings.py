@@ -1,7 +1,7 @@
 """The trainer's settings: command-line flags, environment (prefix TRAINER_) and `.env`.
 
-Every field is also a `--flag` of `ecg-trainer fit` (see trainer/cli.py), and the README's
-"Trainer" table lists them with their defaults.
+Every field is also a `--flag` of `ecg-trainer fit` (see trainer/cli.py), and the table in
+docs/trainer.md lists them with their defaults.
 """
 
 from __future__ import annotations

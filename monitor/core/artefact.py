@@ -2,7 +2,7 @@
 
 Saved with `torch.save` and loaded with `torch.load(weights_only=True)`, so loading
 never runs code from the file. A SHA-256 over the weights and metadata catches
-corruption and tampering. See README "Model artefact".
+corruption and tampering. See docs/trainer.md, "The model artefact".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every Prometheus metric the monitor exports, defined in one place around an injected registry.
 
 Naming: one prefix (`ecg_monitor_`), base units, `_total` counters, no per-sensor labels
-(sensors can be many). The README's "Metrics" table lists these; the Grafana dashboard and
+(sensors can be many). The table in docs/metrics.md lists these; the Grafana dashboard and
 the alert rules in deploy/ use only these names (a test checks that).
 """
 
