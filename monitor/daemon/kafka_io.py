@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 
 from monitor.daemon.settings import MonitorSettings
 
@@ -71,7 +73,22 @@ def make_producer(settings: MonitorSettings, **overrides: Any) -> KafkaProducer:
     return KafkaProducer(**config)
 
 
-class RebalanceListener(ConsumerRebalanceListener):
+def commit_offsets(consumer: KafkaConsumer, topic: str, offsets: dict[int, int], timeout_s: float) -> None:
+    """Commit {partition: next offset to read} of `topic`, blocking; raises KafkaError on failure."""
+    consumer.commit(_offsets(topic, offsets), timeout_ms=int(timeout_s * 1000))
+
+
+def commit_offsets_async(consumer: KafkaConsumer, topic: str, offsets: dict[int, int]) -> None:
+    """The same without waiting. Rebalance callbacks run on kafka-python's IO thread, where a
+    blocking commit raises RuntimeError; if an async commit is lost the next owner re-reads more."""
+    consumer.commit_async(_offsets(topic, offsets))
+
+
+def _offsets(topic: str, offsets: dict[int, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+    return {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}
+
+
+class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python has no type hints
     """Forwards kafka-python's callbacks (they run inside poll()) to the daemon, as sets of partitions."""
 
     def __init__(self, on_revoked: Callable[[set[TopicPartition]], None],
@@ -79,13 +96,13 @@ class RebalanceListener(ConsumerRebalanceListener):
                  on_lost: Callable[[set[TopicPartition]], None]) -> None:
         self._on_revoked, self._on_assigned, self._on_lost = on_revoked, on_assigned, on_lost
 
-    def on_partitions_revoked(self, revoked) -> None:
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         self._on_revoked(set(revoked))
 
-    def on_partitions_assigned(self, assigned) -> None:
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self._on_assigned(set(assigned))
 
-    def on_partitions_lost(self, lost) -> None:
+    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
         self._on_lost(set(lost))
 
 

@@ -8,7 +8,8 @@ One thread runs the loop (the HTTP server has its own):
 
 Delivery is at-least-once: an offset is committed only when every record below it is fully
 processed and everything derived from it (alerts, scores, dead letters) is acknowledged by the
-broker; see `Monitor.safe_offsets`. Kafka failures are counted, logged and retried with
+broker. The bookkeeping lives in monitor.stream.ledger (`Ledger`, `Checkpoint`); this loop tells
+it what was read and sent, and gives it flush and commit. Kafka failures are counted, logged and retried with
 backoff; the loop never exits because of them.
 """
 
@@ -21,26 +22,31 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal, cast
 
 import numpy as np
 from kafka import TopicPartition
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
 from monitor import __version__
 from monitor.stream.batching import Batcher
 from monitor.daemon.http import Health, HttpServer
-from monitor.daemon.kafka_io import Outbox, RebalanceListener, make_consumer, make_producer
+from monitor.daemon.kafka_io import (Outbox, RebalanceListener, commit_offsets, commit_offsets_async, make_consumer,
+                                     make_producer)
 from monitor.daemon.logs import setup_logging
 from monitor.daemon.metrics import Metrics
 from monitor.stream.policy import AlertPolicy
 from monitor.core.scoring import ArtefactError, Scorer
 from monitor.daemon.settings import MonitorSettings, load_settings
+from monitor.stream.ledger import Checkpoint, Ledger
 from monitor.stream.windowing import Window, Windower
 from monitor.stream.wire import AlertRecord, DeadLetter, InvalidRecord, ScoreRecord, decode_input
 
 log = logging.getLogger("monitor.daemon.loop")
+
+AlertState = Literal["firing", "resolved"]  # what AlertPolicy.observe returns for a transition
 
 COMMIT_INTERVAL_S = 1.0  # commits are cheap but not free; at most one a second unless forced
 HOUSEKEEPING_INTERVAL_S = 1.0  # idle eviction, reorder timeouts, gauges
@@ -66,34 +72,34 @@ class Backoff:
 
 
 class Monitor:
-    """The main loop. Consumer, producer, scorer and metrics are injected."""
+    """The main loop. Consumer, producer, scorer and metrics are injected; so are the monotonic
+    clock and the sleep (tests drive the loop in fake time)."""
 
     def __init__(self, settings: MonitorSettings, scorer: Scorer, consumer: Any, producer: Any,
-                 metrics: Metrics, health: Health | None = None) -> None:
+                 metrics: Metrics, health: Health | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.settings = settings
         self.scorer = scorer
         self.consumer = consumer
         self.producer = producer
         self.metrics = metrics
         self.health = health or Health(max_age_s=settings.healthz_max_age_s, model_loaded=True)
+        self.clock, self._sleep_s = clock, sleep
         self.threshold = float(scorer.threshold)
         self.windower = Windower(scorer.window_length, settings.hop, reorder_slots=settings.reorder_slots,
                                  reorder_timeout_s=settings.reorder_timeout_s, max_sensors=settings.max_sensors,
-                                 idle_timeout_s=settings.sensor_idle_timeout_s)
-        self.batcher = Batcher(settings.max_batch, settings.max_wait_ms / 1000)
+                                 idle_timeout_s=settings.sensor_idle_timeout_s, clock=clock)
+        self.batcher = Batcher(settings.max_batch, settings.max_wait_ms / 1000, clock=clock)
         self.policy = AlertPolicy(settings.alert_k, settings.alert_n, settings.resolve_m, settings.replay_max_windows)
         self.outbox = Outbox(producer, self._kafka_error)
-        self.positions: dict[int, int] = {}  # partition -> next offset to process
-        self._resume: dict[int, int] = {}  # dropped partition -> offset to re-read from if it comes back
-        self.committed: dict[int, int] = {}  # partition -> last offset this instance committed
-        self.stop_requested = False
+        self.ledger = Ledger([self.windower, self.batcher], guard=self.policy)
         self._backoff = Backoff()
+        self.checkpoint = Checkpoint(self.ledger, self.outbox.flush, self._commit, interval_s=COMMIT_INTERVAL_S,
+                                     retry_delay=self._backoff.fail, on_delivered=self._observe_latency, clock=clock)
+        self.stop_requested = False
         self._latency_ts: list[float] = []  # ts of windows sent but not yet flushed
         self._stats_seen = dict(vars(self.windower.stats))
-        self._last_commit = self._last_housekeeping = self._last_lag = 0.0
-        self._last_kafka_error = 0.0
-        self._undelivered = False  # the last flush failed: retry it before consuming more
-        self._commit_retry_at = 0.0  # after a failed commit, the next is not tried before this
+        self._last_housekeeping = self._last_lag = self._last_kafka_error = -float("inf")
         self._reject_logged: dict[str, tuple[float, int]] = {}  # reason -> (last warning, rejected since)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -120,7 +126,7 @@ class Monitor:
         """One loop iteration: poll, process, maybe score a batch, housekeeping."""
         self.health.beat()
         self.metrics.loop_heartbeat.set(time.time())
-        if self._undelivered and not self.checkpoint(force=True):
+        if self.checkpoint.undelivered and not self.checkpoint(force=True):
             self._sleep(self._backoff.fail())  # earlier output not delivered: stop consuming until it is
             return
         wait = self.batcher.wait_s()
@@ -130,7 +136,7 @@ class Monitor:
         if self.batcher.due():
             self._score_batch()
             self.checkpoint()
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last_housekeeping >= HOUSEKEEPING_INTERVAL_S:
             self._last_housekeeping = now
             self._housekeeping()
@@ -139,23 +145,23 @@ class Monitor:
     def shutdown(self) -> int:
         """Finish the pending batch, flush, commit, close; bounded by shutdown_timeout_s."""
         budget = self.settings.shutdown_timeout_s
-        deadline = time.monotonic() + budget * 0.8  # the rest is for closing the clients
+        deadline = self.clock() + budget * 0.8  # the rest is for closing the clients
         watchdog = threading.Timer(budget, _give_up, args=(budget,))
         watchdog.daemon = True
         watchdog.start()
         log.info("stopping: finishing the batch in flight", extra={"pending_windows": len(self.batcher)})
-        while len(self.batcher) and time.monotonic() < deadline:
+        while len(self.batcher) and self.clock() < deadline:
             self._score_batch()
         clean = False
-        while time.monotonic() < deadline:
-            if self.checkpoint(force=True, timeout_s=min(KAFKA_TIMEOUT_S, max(0.1, deadline - time.monotonic()))):
+        while self.clock() < deadline:
+            if self.checkpoint(force=True, timeout_s=min(KAFKA_TIMEOUT_S, max(0.1, deadline - self.clock()))):
                 clean = True
                 break
-            self._sleep(min(self._backoff.fail(), max(0.0, deadline - time.monotonic())), interruptible=False)
-        committed = dict(self.committed)  # closing revokes the partitions, which clears this
+            self._sleep(min(self._backoff.fail(), max(0.0, deadline - self.clock())), interruptible=False)
+        committed = dict(self.ledger.committed)  # closing revokes the partitions, which clears this
         remaining_ms = int(max(0.5, budget * 0.2) * 1000)
-        for close in (lambda: self.consumer.close(autocommit=False, timeout_ms=remaining_ms),
-                      lambda: self.producer.close(timeout=remaining_ms / 1000)):
+        for close in (partial(self.consumer.close, autocommit=False, timeout_ms=remaining_ms),
+                      partial(self.producer.close, timeout=remaining_ms / 1000)):
             try:
                 close()
             except Exception:  # closing must not turn a clean stop into a crash
@@ -166,23 +172,22 @@ class Monitor:
 
     # -- input ---------------------------------------------------------------------------------
 
-    def _poll(self, timeout_s: float) -> dict:
+    def _poll(self, timeout_s: float) -> dict[TopicPartition, list[Any]]:
         try:
-            records = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+            records: dict[TopicPartition, list[Any]] = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
         except KafkaError as exc:
             self._kafka_error("poll", exc)
             self._sleep(self._backoff.fail())
             return {}
         return records
 
-    def _process(self, records: dict) -> None:
+    def _process(self, records: dict[TopicPartition, list[Any]]) -> None:
         count = 0
         for batch in records.values():
             for record in batch:
                 self._handle(record)
             count += len(batch)
-            last = batch[-1]
-            self.positions[last.partition] = last.offset + 1
+            self.ledger.read(batch[-1].partition, batch[-1].offset)
         self.metrics.records.inc(count)
         self.metrics.last_processed.set(time.time())
 
@@ -202,14 +207,16 @@ class Monitor:
         self.metrics.invalid_records.labels(reason=error.reason).inc()
         letter = DeadLetter.of(error, record.topic, record.partition, record.offset, record.key, record.value)
         self.outbox.send(self.settings.dlq_topic, record.key, letter.to_bytes(), letter.headers())
+        self.ledger.sent(record.partition, record.offset)
         self.metrics.dead_letters.inc()
         # A burst of bad records must not flood the log: one warning per reason every 10 s.
-        last, since = self._reject_logged.get(error.reason, (0.0, 0))
+        last, since = self._reject_logged.get(error.reason, (-float("inf"), 0))
         fields = {"reason": error.reason, "detail": error.detail[:200], "partition": record.partition,
                   "offset": record.offset}
-        if time.monotonic() - last >= REJECT_LOG_INTERVAL_S:
-            log.warning("record rejected to the dead-letter topic", extra={**fields, "rejected_since_last_log": since + 1})
-            self._reject_logged[error.reason] = (time.monotonic(), 0)
+        if self.clock() - last >= REJECT_LOG_INTERVAL_S:
+            log.warning("record rejected to the dead-letter topic",
+                        extra={**fields, "rejected_since_last_log": since + 1})
+            self._reject_logged[error.reason] = (self.clock(), 0)
         else:
             log.debug("record rejected to the dead-letter topic", extra=fields)
             self._reject_logged[error.reason] = (last, since + 1)
@@ -230,7 +237,8 @@ class Monitor:
         for error in errors.tolist():
             self.metrics.reconstruction_error.observe(error)
         now = time.time()
-        for window, error, flag in zip(batch, errors.tolist(), anomalous.tolist()):
+        for window, error, flag in zip(batch, errors.tolist(), anomalous.tolist(), strict=True):
+            self.ledger.sent(window.partition, window.first_offset)  # scored: its outputs now hold the commit
             transition = self.policy.observe(window.key, flag, window.first_offset)
             if self.settings.scores_topic:
                 self._send_score(window, error, flag, now)
@@ -248,27 +256,14 @@ class Monitor:
 
     def _send_alert(self, window: Window, state: str, error: float, now: float) -> None:
         alert = AlertRecord(alert_id=AlertRecord.make_id(window.sensor_id, window.start_seq, state),
-                            sensor_id=window.sensor_id, state=state, window_start_seq=window.start_seq,
-                            window_end_seq=window.end_seq, score=error, threshold=self.threshold,
-                            model_version=self.scorer.model_version, detected_at=now)
+                            sensor_id=window.sensor_id, state=cast(AlertState, state),
+                            window_start_seq=window.start_seq, window_end_seq=window.end_seq, score=error,
+                            threshold=self.threshold, model_version=self.scorer.model_version, detected_at=now)
         self.outbox.send(self.settings.alerts_topic, window.sensor_id.encode(), alert.to_bytes())
         self.metrics.alerts.labels(state=state).inc()
         log.info("alert", extra={"alert_id": alert.alert_id, "state": state, "score": round(error, 5)})
 
-    # -- delivery: flush, then commit ----------------------------------------------------------
-
-    def checkpoint(self, force: bool = False, timeout_s: float = KAFKA_TIMEOUT_S) -> bool:
-        """Flush the outbox; then, at most once a second (or when forced), commit safe offsets.
-        True when everything produced is delivered and the commit (if due) succeeded."""
-        self._undelivered = not self.outbox.flush(timeout_s)
-        if self._undelivered:
-            return False
-        self._observe_latency()
-        now = time.monotonic()
-        if not force and (now - self._last_commit < COMMIT_INTERVAL_S or now < self._commit_retry_at):
-            return True
-        self._last_commit = now
-        return self._commit(timeout_s)
+    # -- delivery: the ledger's checkpoint flushes, then commits through here ---------------------
 
     def _observe_latency(self) -> None:
         if self._latency_ts:
@@ -277,83 +272,53 @@ class Monitor:
                 self.metrics.end_to_end_latency.observe(max(0.0, now - ts))
             self._latency_ts.clear()
 
-    def safe_offsets(self) -> dict[int, int]:
-        """Per partition, the offset to commit: below every record still needed (buffered, stashed or
-        in a pending window), else the next offset to process; then moved below any alert-policy
-        stretch a replay must not start inside (see monitor.stream.policy)."""
-        buffered, pending = self.windower.needed_offsets(), self.batcher.needed_offsets()
-        safe = {}
-        for partition, position in self.positions.items():
-            candidate = min(position, buffered.get(partition, position), pending.get(partition, position))
-            safe[partition] = self.policy.safe_offset(partition, candidate)
-        return safe
-
-    def _commit(self, timeout_s: float = KAFKA_TIMEOUT_S, partitions: set[int] | None = None) -> bool:
-        topic = self.settings.input_topic
-        offsets = {p: o for p, o in self.safe_offsets().items()
-                   if o > self.committed.get(p, -1) and (partitions is None or p in partitions)}
-        if not offsets:
-            return True
+    def _commit(self, offsets: dict[int, int], timeout_s: float) -> bool:
         try:
-            self.consumer.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()},
-                                 timeout_ms=int(timeout_s * 1000))
+            commit_offsets(self.consumer, self.settings.input_topic, offsets, timeout_s)
         except KafkaError as exc:
             self._kafka_error("commit", exc)
-            self._commit_retry_at = time.monotonic() + self._backoff.fail()
             return False
-        for partition, offset in offsets.items():
-            self.committed[partition] = offset
-            self.policy.committed(partition, offset)
         self.metrics.commits.inc()
         self._kafka_ok()
         return True
 
     # -- rebalances ----------------------------------------------------------------------------
 
+    def _input_partitions(self, partitions: set[TopicPartition]) -> set[int]:
+        return {tp.partition for tp in partitions if tp.topic == self.settings.input_topic}
+
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        partitions = {tp.partition for tp in revoked if tp.topic == self.settings.input_topic}
+        partitions = self._input_partitions(revoked)
         log.info("partitions revoked", extra={"partitions": sorted(partitions)})
         while len(self.batcher):
             self._score_batch()
-        safe = self.safe_offsets()
-        if self.outbox.flush(KAFKA_TIMEOUT_S):
-            self._observe_latency()
-            # Rebalance callbacks run on kafka-python's IO thread, where a blocking commit raises
-            # RuntimeError; an async commit is enough (if it is lost, the next owner re-reads more).
-            offsets = {TopicPartition(self.settings.input_topic, p): OffsetAndMetadata(o, "", -1)
-                       for p, o in safe.items() if p in partitions and o > self.committed.get(p, -1)}
+        if self.checkpoint.flush(KAFKA_TIMEOUT_S):
+            # This runs on kafka-python's IO thread: an async commit (a blocking one would raise).
+            offsets = self.ledger.to_commit(partitions)
             if offsets:
-                self.consumer.commit_async(offsets)
+                commit_offsets_async(self.consumer, self.settings.input_topic, offsets)
         # (after a lost membership kafka-python itself restarts from the commit)
-        self._resume.update({p: safe[p] for p in partitions if p in safe})
-        self._drop(partitions)
+        self.ledger.revoke(partitions)
+        self._count_assigned()
 
     def _on_lost(self, lost: set[TopicPartition]) -> None:
         """Forced out of the group: committing would fail; the new owner replays from the last commit."""
-        partitions = {tp.partition for tp in lost if tp.topic == self.settings.input_topic}
+        partitions = self._input_partitions(lost)
         log.warning("partitions lost", extra={"partitions": sorted(partitions)})
-        self._drop(partitions)
+        self.ledger.lose(partitions)
+        self._count_assigned()
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         # kafka-python keeps the fetch position of a partition that stays assigned across a
-        # rebalance, but _drop() threw away its buffered samples: re-read it from the offset below
-        # which everything was delivered, or those samples' windows would never be scored.
-        for tp in assigned:
-            if tp.topic == self.settings.input_topic and tp.partition in self._resume:
-                self.consumer.seek(tp, self._resume[tp.partition])
-        self._resume.clear()
-        count = len(self.consumer.assignment())
-        self.health.assigned = count
-        self.metrics.assigned_partitions.set(count)
+        # rebalance, but revoking it threw away its buffered samples: re-read it from the offset
+        # below which everything was delivered, or those samples' windows would never be scored.
+        resume = self.ledger.resume_points(self._input_partitions(assigned))
+        for partition, offset in resume.items():
+            self.consumer.seek(TopicPartition(self.settings.input_topic, partition), offset)
+        self._count_assigned()
         log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
 
-    def _drop(self, partitions: set[int]) -> None:
-        self.windower.drop_partitions(partitions)
-        self.batcher.drop_partitions(partitions)
-        self.policy.drop_partitions(partitions)
-        for partition in partitions:
-            self.positions.pop(partition, None)
-            self.committed.pop(partition, None)
+    def _count_assigned(self) -> None:
         count = len(self.consumer.assignment())
         self.health.assigned = count
         self.metrics.assigned_partitions.set(count)
@@ -368,19 +333,20 @@ class Monitor:
             self.policy.forget(evicted)
         self._sync_stats()
         self.metrics.active_sensors.set(len(self.windower))
-        if time.monotonic() - self._last_lag >= LAG_INTERVAL_S:
-            self._last_lag = time.monotonic()
+        if self.clock() - self._last_lag >= LAG_INTERVAL_S:
+            self._last_lag = self.clock()
             self._update_lag()
-        if time.monotonic() - self._last_kafka_error > 2 * KAFKA_TIMEOUT_S:
+        if self.clock() - self._last_kafka_error > 2 * KAFKA_TIMEOUT_S:
             self.health.kafka_ok = True
 
     def _sync_stats(self) -> None:
         """Windowing counts -> metrics (the windower stays free of Prometheus)."""
         now = vars(self.windower.stats)
         seen = self._stats_seen
-        for name, counter in (("samples", self.metrics.samples), ("duplicate_samples", self.metrics.duplicate_samples),
-                              ("gaps", self.metrics.sequence_gaps), ("reordered_records", self.metrics.reordered_records),
-                              ("evicted_sensors", self.metrics.evicted_sensors)):
+        m = self.metrics
+        for name, counter in (("samples", m.samples), ("duplicate_samples", m.duplicate_samples),
+                              ("gaps", m.sequence_gaps), ("reordered_records", m.reordered_records),
+                              ("evicted_sensors", m.evicted_sensors)):
             if now[name] > seen[name]:
                 counter.inc(now[name] - seen[name])
         self._stats_seen = dict(now)
@@ -400,7 +366,7 @@ class Monitor:
         lag = 0
         for tp in assigned:
             high = self.consumer.highwater(tp)
-            position = self.positions.get(tp.partition)
+            position = self.ledger.positions.get(tp.partition)
             if high is not None and position is not None:
                 lag += max(0, high - position)
         self.metrics.consumer_lag.set(lag)
@@ -408,21 +374,21 @@ class Monitor:
     def _kafka_error(self, operation: str, exc: Exception) -> None:
         self.metrics.kafka_errors.labels(operation=operation).inc()
         self.health.kafka_ok = False
-        self._last_kafka_error = time.monotonic()
+        self._last_kafka_error = self.clock()
         log.warning("kafka operation failed; will retry", extra={
             "operation": operation, "error": f"{type(exc).__name__}: {exc}"[:300]})
 
     def _kafka_ok(self) -> None:
         self._backoff.ok()
-        if time.monotonic() - self._last_kafka_error > KAFKA_TIMEOUT_S:
+        if self.clock() - self._last_kafka_error > KAFKA_TIMEOUT_S:
             self.health.kafka_ok = True
 
     def _sleep(self, seconds: float, interruptible: bool = True) -> None:
         """Sleep in small steps, keeping the heartbeat fresh and (unless told not to) ending early on a stop request."""
-        end = time.monotonic() + seconds
-        while not (interruptible and self.stop_requested) and time.monotonic() < end:
+        end = self.clock() + seconds
+        while not (interruptible and self.stop_requested) and self.clock() < end:
             self.health.beat()
-            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+            self._sleep_s(min(0.1, max(0.0, end - self.clock())))
 
 
 def _give_up(budget: float) -> None:
