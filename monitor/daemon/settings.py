@@ -3,11 +3,20 @@ The README's "Configuration" table lists every field here with its default."""
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from monitor.stream.wire import DEAD_LETTER_VALUE_BYTES, DEAD_LETTER_VALUE_BYTES_LIMIT
+
+#: The settings that name Kafka topics (scores_topic may be empty: off).
+TOPIC_SETTINGS = ("input_topic", "alerts_topic", "dlq_topic", "scores_topic")
+#: Kafka's rule for topic names (besides "." and ".."); an illegal name would only fail at the first send.
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 
 class MonitorSettings(BaseSettings):
@@ -45,6 +54,8 @@ class MonitorSettings(BaseSettings):
     max_wait_ms: int = Field(10, ge=0, le=60_000, description="Longest a complete window waits for its batch")
     hop: int | None = Field(None, ge=1, description="Samples between window starts; empty = window length")
     max_record_bytes: int = Field(1 << 20, ge=64, description="Larger input records go to the dead-letter topic")
+    dlq_max_value_bytes: int = Field(DEAD_LETTER_VALUE_BYTES, ge=0, le=DEAD_LETTER_VALUE_BYTES_LIMIT,
+                                     description="Most bytes of a rejected record a dead letter carries")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; empty = torch default")
 
     # Alert policy: fire when k of the last n windows are anomalous, resolve after m normal in a row
@@ -53,29 +64,46 @@ class MonitorSettings(BaseSettings):
     resolve_m: int = Field(3, ge=1)
 
     # Sensor state
-    sensor_idle_timeout_s: float = Field(600.0, gt=0, description="Evict a sensor's buffer after this long without data")
-    max_sensors: int = Field(200_000, ge=1, description="Bound on live sensor buffers; the idlest are evicted beyond it")
-    reorder_slots: int = Field(4, ge=0, description="Records per sensor held while waiting for a missing earlier record")
+    sensor_idle_timeout_s: float = Field(600.0, gt=0,
+                                         description="Evict a sensor's buffer after this long without data")
+    max_sensors: int = Field(200_000, ge=1,
+                             description="Bound on live sensor buffers; the idlest are evicted beyond it")
+    reorder_slots: int = Field(4, ge=0,
+                               description="Records per sensor held while waiting for a missing earlier record")
     reorder_timeout_s: float = Field(2.0, gt=0, description="A missing record not seen by then is a gap")
-    replay_max_windows: int = Field(1000, ge=1, description="Longest alert episode (windows) held uncommitted so a restart re-derives the same alert ids")
+    replay_max_windows: int = Field(1000, ge=1, description="Longest alert episode (windows) held uncommitted "
+                                                            "so a restart re-derives the same alert ids")
 
     # HTTP, logging, lifecycle
-    metrics_host: str = "0.0.0.0"
+    # Loopback by default: a daemon started on a host does not expose its endpoints to the network
+    # unless asked. Containers set 0.0.0.0 (the images, deploy/k8s and compose do) for probes and scrapes.
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="Address the HTTP server binds to")
     metrics_port: int = Field(9108, ge=0, le=65535)
-    healthz_max_age_s: float = Field(30.0, gt=0, description="/healthz fails when the loop has not turned for this long")
+    healthz_max_age_s: float = Field(30.0, gt=0,
+                                     description="/healthz fails when the loop has not turned for this long")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     shutdown_timeout_s: float = Field(20.0, gt=0, description="Budget for a graceful stop on SIGTERM/SIGINT")
 
+    @field_validator(*TOPIC_SETTINGS)
+    @classmethod
+    def _topic_name(cls, name: str, info: Any) -> str:
+        if name == "" and info.field_name == "scores_topic":
+            return name
+        if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+            raise ValueError("not a Kafka topic name: 1-249 characters from [a-zA-Z0-9._-], not '.' or '..'")
+        return name
+
+    # The messages name settings, never values: load_settings prints them (secrets stay unprinted).
     @model_validator(mode="after")
-    def _check(self) -> "MonitorSettings":
+    def _check(self) -> MonitorSettings:
         if self.alert_k > self.alert_n:
-            raise ValueError(f"alert_k ({self.alert_k}) must be <= alert_n ({self.alert_n})")
+            raise ValueError("MONITOR_ALERT_K must be <= MONITOR_ALERT_N")
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
             raise ValueError("security_protocol SASL_* needs MONITOR_SASL_MECHANISM")
-        topics = [self.input_topic, self.alerts_topic, self.dlq_topic] + ([self.scores_topic] if self.scores_topic else [])
+        topics = [getattr(self, name) for name in TOPIC_SETTINGS if getattr(self, name)]
         if len(set(topics)) != len(topics):
-            raise ValueError(f"input, alerts, dead-letter and scores topics must differ: {topics}")
+            raise ValueError("the input, alerts, dead-letter and scores topics must differ")
         return self
 
     def kafka_common(self) -> dict[str, Any]:
@@ -99,9 +127,19 @@ class MonitorSettings(BaseSettings):
 
 def load_settings(env_file: str | Path | None) -> MonitorSettings | None:
     """The settings from the environment and `env_file`; None after printing why they are invalid
-    (the commands then exit with status 2)."""
+    to stderr (the commands then exit with status 2)."""
     try:
-        return MonitorSettings(_env_file=env_file)
+        return MonitorSettings(_env_file=env_file)  # type: ignore[call-arg]  # pydantic-settings' init option
     except ValidationError as exc:
-        print(f"invalid settings:\n{exc}")
+        print(f"invalid settings:\n{describe_errors(exc)}", file=sys.stderr)
         return None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per error: the variable and the message, never the value. (pydantic's own text
+    quotes the input, and for a model-level error that input is every setting, passwords too.)"""
+    lines = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        field = ".".join(map(str, error["loc"]))
+        lines.append(f"  {'MONITOR_' + field.upper() if field else 'settings'}: {error['msg']}")
+    return "\n".join(lines)
