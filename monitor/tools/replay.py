@@ -21,13 +21,20 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal, cast
 
 import numpy as np
+import pandas as pd
+from kafka import KafkaProducer
+from tqdm import tqdm
 
+from monitor.daemon.settings import MonitorSettings
 from monitor.stream.wire import encode_input
+from trainer.data import DataError, default_cache_dir, download_ecg5000, load
+from trainer.split import split
 
 BEAT_LENGTH = 140
 ECG_FS = 140.0
@@ -128,9 +135,6 @@ def load_beat_pool(data_dir: str | os.PathLike, heldout: bool = True, **split_op
     evaluation protocol's test part (normal-test plus the anomalous beats), so a model trained
     by the protocol never saw them; `split_options` (seed, val_fraction, test_fraction) go to
     trainer.split.split and should match the model's (its artefact records them)."""
-    from trainer.data import load
-    from trainer.split import split
-
     dataset = load(Path(data_dir))
     part = split(dataset, **split_options).test if heldout else dataset
     windows = part.windows[:, :, 0]  # Dataset and Part alike: (n, 140, 1)
@@ -234,12 +238,8 @@ def _read_channels(path: Path) -> list[np.ndarray]:
         loaded = np.load(path, allow_pickle=False)
         array = loaded[loaded.files[0]] if suffix == ".npz" else loaded
         array = np.asarray(array, dtype=np.float64)
-        columns = [array] if array.ndim == 1 else [array[:, j] for j in range(array.shape[1])] if array.ndim == 2 else []
+        columns = [array] if array.ndim == 1 else list(array.T) if array.ndim == 2 else []
     elif suffix in (".csv", ".parquet", ".pq"):
-        try:
-            import pandas as pd
-        except ImportError:
-            raise SystemExit("reading CSV or Parquet needs pandas (pip install 'ecg-monitor[train]')") from None
         frame = pd.read_parquet(path) if suffix != ".csv" else pd.read_csv(path)
         numeric = frame.select_dtypes("number")
         columns = [numeric[c].to_numpy(dtype=np.float64) for c in numeric.columns
@@ -272,8 +272,6 @@ def resolve_rate(rate: Rate | str, streams: Sequence[SensorStream]) -> float | N
 
 def make_producer(bootstrap: str, **overrides):
     """A producer tuned for many small records (batching, short linger, leader acks)."""
-    from kafka import KafkaProducer
-
     options = {"bootstrap_servers": bootstrap.split(","), "client_id": "ecg-replay", "acks": 1,
                "linger_ms": 5, "batch_size": 256 * 1024, "max_request_size": 4 << 20}
     options.update(overrides)
@@ -323,7 +321,7 @@ def replay(target, topic: str, streams: Sequence[SensorStream], rate: Rate | str
                 _sleep_until(start + tick * interval, stop)
             seq = tick * samples_per_message
             sent = 0
-            for stream, key in zip(streams, keys):
+            for stream, key in zip(streams, keys, strict=True):
                 chunk = stream.chunk(seq, samples_per_message, loop)
                 if not len(chunk):
                     continue
@@ -359,13 +357,8 @@ def _sleep_until(deadline: float, stop: threading.Event | None) -> None:
             time.sleep(delay)
 
 
-def _progress_bar(enabled: bool, total: int | None):
-    """tqdm when installed (the `train` extra), else no bar: the summary line still prints."""
+def _progress_bar(enabled: bool, total: int | None) -> tqdm | None:
     if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
         return None
     return tqdm(total=total, unit="rec", unit_scale=True, desc="replay", file=sys.stderr, smoothing=0.1)
 
@@ -416,8 +409,6 @@ def ensure_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike | N
     default the trainer's cache, ~/.cache/ecg-monitor on Linux)."""
     if data:
         return Path(data)
-    from trainer.data import DataError, default_cache_dir, download_ecg5000
-
     try:
         return download_ecg5000(Path(default_cache_dir() if cache_dir is None else cache_dir))
     except DataError as exc:
@@ -426,8 +417,6 @@ def ensure_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike | N
 
 def producer_options() -> dict:
     """Security options (SASL/SSL) from the monitor's settings, so one .env serves both."""
-    from monitor.daemon.settings import MonitorSettings
-
     options = MonitorSettings().kafka_common()
     options.pop("bootstrap_servers")
     options["client_id"] = "ecg-replay"
@@ -437,7 +426,7 @@ def producer_options() -> dict:
 def parse_rate(text: str) -> Rate:
     """'realtime', 'max' or a positive number of samples/s per sensor (an argparse type)."""
     if text in ("realtime", "max"):
-        return text
+        return cast(Rate, text)
     try:
         value = float(text)
     except ValueError:
