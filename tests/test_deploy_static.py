@@ -468,6 +468,53 @@ def test_k8s_replicas_do_not_exceed_input_partitions(monkeypatch):
         assert f'"${topic}"' in script
 
 
+def _topic_creations(script: str) -> list[dict]:
+    """Each `kafka-topics.sh --create` line as {"topic", "replication", "configs"}."""
+    creations = []
+    for line in script.splitlines():
+        if "--create" in line:
+            creations.append({"topic": re.search(r"--topic (\S+)", line).group(1),
+                              "replication": int(re.search(r"--replication-factor (\d+)", line).group(1)),
+                              "configs": dict(re.findall(r"--config (\S+?)=(\S+)", line))})
+    return creations
+
+
+def test_k8s_topics_are_replicated_three_times_with_two_in_sync_replicas_required():
+    """acks=all only means "on two brokers" with min.insync.replicas=2; topics created earlier
+    (--if-not-exists leaves them alone) get the setting from kafka-configs.sh --alter."""
+    objects = k8s_objects()
+    script = objects[("Job", "ecg-kafka-topics")]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    creations = _topic_creations(script)
+    assert {c["topic"] for c in creations} == {'"$MONITOR_INPUT_TOPIC"', '"$MONITOR_ALERTS_TOPIC"',
+                                               '"$MONITOR_DLQ_TOPIC"'}
+    for creation in creations:
+        assert creation["replication"] == 3 and creation["configs"].get("min.insync.replicas") == "2", creation
+        assert re.search(rf"--alter --entity-type topics --entity-name {re.escape(creation['topic'])} "
+                         r"--add-config min\.insync\.replicas=2", script), creation
+
+
+def test_compose_topics_on_its_single_broker_require_one_in_sync_replica():
+    creations = _topic_creations("\n".join(compose()["services"]["kafka-init"]["command"]))
+    assert len(creations) == 3
+    for creation in creations:  # 2 would refuse every acks=all write on one broker
+        assert creation["replication"] == 1 and creation["configs"].get("min.insync.replicas") == "1", creation
+
+
+def test_containers_bind_the_http_server_to_every_interface(monkeypatch):
+    """The code defaults to loopback; probes and scrapes reach a container from outside."""
+    assert _settings(compose()["services"]["monitor"]["environment"], monkeypatch).metrics_host == "0.0.0.0"
+    assert _k8s_settings(k8s_objects(), monkeypatch).metrics_host == "0.0.0.0"
+    for dockerfile in DOCKERFILES:
+        assert "MONITOR_METRICS_HOST=0.0.0.0" in dockerfile.read_text(), dockerfile.name
+
+
+def test_torch_is_at_least_2_6_where_weights_only_loading_is_safe():
+    """CVE-2025-32434: torch.load(weights_only=True) could run code before 2.6."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    (spec,) = re.findall(r'"torch(>=[^"]*)"', pyproject)
+    assert tuple(int(p) for p in re.match(r">=(\d+)\.(\d+)", spec).groups()) >= (2, 6), spec
+
+
 def test_k8s_service_servicemonitor_and_training_job(monkeypatch):
     objects = k8s_objects()
     settings = _k8s_settings(objects, monkeypatch)
