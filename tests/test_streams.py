@@ -1,0 +1,149 @@
+"""The stream evaluation harness: every metric on tiny hand-made cases, and the fast policy
+sweep equal to the beat-by-beat policy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from monitor.stream.calibration import CalibrationConfig, Prior
+from monitor.stream.policy import FIRING, ScorePolicyConfig
+from trainer.streams import (Scored, Stream, annotated_stream, choose_operating_point, ecg5000_streams,
+                             event_stats, evaluate, fired, legacy_fired, nab_raw, nab_score, nab_sigmoid,
+                             nab_windows, per_class_auroc, plot_operating_curve, policy_alerts, run_policy)
+
+
+def stream(labels: str, normal: str = "N", period: float = 1.0, errors=None) -> Stream:
+    n = len(labels)
+    return Stream("s", np.zeros(n) if errors is None else np.asarray(errors, float), np.array(list(labels)),
+                  np.arange(n) * period, normal)
+
+
+def scored(labels: str, scores) -> Scored:
+    s = stream(labels)
+    n = len(labels)
+    return Scored(s, np.asarray(scores, float), np.zeros(n, bool), np.zeros(n, bool))
+
+
+def test_runs_are_maximal_stretches_of_non_normal_beats():
+    assert stream("NNVVNSNNVFV").runs == [(2, 4), (5, 6), (8, 11)]
+
+
+def test_a_run_counts_once_with_its_delay_and_false_alerts_are_counted_over_normal_time():
+    s = stream("NNNNNVVVNNNNNNNNNNNN", period=0.5)  # run at beats 5..7
+    stats = event_stats(s, np.array([6, 7, 15]), settle_beats=2)  # two alerts in the run, one false
+    assert (stats.runs, stats.detected, stats.delays_beats, stats.delays_s) == (1, 1, [1], [0.5])
+    assert stats.false_alerts == 1
+    assert stats.normal_hours == pytest.approx((20 - 3 - 2) * 0.5 / 3600)  # minus the run and 2 settle beats
+    missed = event_stats(s, np.array([9]), settle_beats=2)
+    assert missed.detected == 0 and missed.false_alerts == 0  # a late alert in the settle beats: not false
+    graced = event_stats(s, np.array([9]), grace_beats=2, settle_beats=2)
+    assert graced.detected == 1 and graced.delays_beats == [4]
+
+
+def test_warm_up_beats_do_not_count_as_normal_time_but_alerts_there_are_false():
+    stats = event_stats(stream("N" * 10), np.array([1]), warmup_beats=4)
+    assert stats.false_alerts == 1 and stats.normal_hours == pytest.approx(6 / 3600)
+
+
+def test_per_class_auroc_by_hand():
+    # V beats all above the normal ones (1.0); S beats all below (0.0); F ties half (0.75 by hand)
+    got = per_class_auroc([scored("NNNVVSF", [1, 2, 3, 5, 6, 0, 2])])
+    assert got["V"] == 1.0 and got["S"] == 0.0
+    assert got["F"] == pytest.approx((1 + 0.5 + 0) / 3)
+
+
+def test_nab_sigmoid_values_from_the_paper():
+    assert nab_sigmoid(-1) == pytest.approx(0.98661, abs=1e-5)
+    assert nab_sigmoid(-0.5) == pytest.approx(0.84828, abs=1e-5)
+    assert nab_sigmoid(0) == 0 and nab_sigmoid(3.5) == -1
+
+
+def test_nab_scores_by_hand():
+    runs = [(50, 52)]
+    assert nab_windows(100, runs) == [(46, 55)]  # width 0.1 * 100 / 1 window, centred on the run
+    assert nab_score([(100, runs, [46])], probation_fraction=0) == pytest.approx(100)  # at the left edge
+    assert nab_score([(100, runs, [])], probation_fraction=0) == pytest.approx(0)  # missed: the null detector
+    late = nab_sigmoid(-0.1) / nab_sigmoid(-1)  # right edge: position -(55 - 55 + 1) / 10
+    assert nab_score([(100, runs, [55])], probation_fraction=0) == pytest.approx(100 * (late + 1) / 2)
+    assert nab_raw(100, runs, [10, 46])[0] == pytest.approx(1 - 0.11)  # a false positive before any window
+    assert nab_raw(100, runs, [46, 99])[0] == pytest.approx(1 - 0.11)  # far after the window (> 3 widths)
+    just_after = nab_raw(100, runs, [46, 57])[0]  # 2 beats past a 10-beat window: mild penalty
+    assert just_after == pytest.approx(1 + 0.11 * nab_sigmoid(2 / 9))
+    assert nab_raw(100, runs, [46], probation=60) == (0.0, 0)  # windows in the probation are not scored
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "ewma", "cusum"])
+def test_fast_sweep_equals_the_beat_by_beat_policy(aggregate):
+    rng = np.random.default_rng(0)
+    for seed in range(25):
+        rng = np.random.default_rng(seed)
+        n = 300
+        labels = np.array(["N"] * n)
+        s = Stream("s", np.zeros(n), labels, np.arange(n, dtype=float), "N",
+                   good_quality=rng.random(n) > 0.05)
+        cal = np.arange(n) < rng.integers(0, 40)
+        sc = Scored(s, rng.standard_normal(n) * 2 + (rng.random(n) < 0.05) * 6, cal, rng.random(n) < 0.08)
+        config = ScorePolicyConfig(aggregate=aggregate, window=int(rng.integers(1, 5)), alpha=0.4, drift=1.0,
+                                   fire_level=2.5, resolve_level=1.0, resolve_beats=int(rng.integers(1, 6)))
+        exact = [i for i, t in policy_alerts(sc, config) if t == FIRING]
+        assert fired(sc, config).tolist() == exact
+
+
+def test_ecg5000_streams_place_runs_after_the_warm_up_and_are_reproducible():
+    labels = np.array(["1"] * 50 + ["2"] * 10 + ["3"] * 10)
+    errors = np.arange(len(labels), dtype=float)
+    streams = ecg5000_streams(errors, labels, n_streams=3, minutes=20, runs_per_hour=30, warmup_beats=150, seed=1)
+    again = ecg5000_streams(errors, labels, n_streams=3, minutes=20, runs_per_hour=30, warmup_beats=150, seed=1)
+    for s, t in zip(streams, again, strict=True):
+        assert np.array_equal(s.errors, t.errors)
+        runs = s.runs
+        assert len(runs) == 10 and runs[0][0] >= 150
+        assert all(3 <= e - b <= 6 and len(set(s.labels[b:e])) == 1 for b, e in runs)
+        assert all(b2 - e1 >= 60 for (_, e1), (b2, _) in zip(runs, runs[1:], strict=False))
+        assert len(s) == 1200 and s.times_s[1] == 1.0
+    normal_only = ecg5000_streams(errors, labels, n_streams=2, minutes=1)
+    assert all(not s.anomalous.any() for s in normal_only)
+
+
+def test_annotated_recordings_use_aami_classes():
+    s = annotated_stream("r100", [0.1, 0.2, 0.9, 0.1], [0.0, 0.8, 1.4, 2.3], ["N", "A", "V", "L"])
+    assert s.labels.tolist() == ["N", "S", "V", "N"] and s.runs == [(1, 3)]
+
+
+def test_legacy_policy_fires_on_two_of_three_over_threshold():
+    s = stream("NNNNNNNN", errors=[0, 1, 0, 1, 1, 1, 0, 0])
+    assert legacy_fired(s, threshold=0.5).tolist() == [3]
+
+
+def test_operating_point_meets_the_budget_on_its_streams_and_detects_clear_runs(tmp_path):
+    rng = np.random.default_rng(0)
+    prior = Prior(0.0, 1.0, threshold=math.exp(1.645))
+
+    def make(n_streams: int, with_runs: bool) -> list[Stream]:
+        out = []
+        for i in range(n_streams):
+            log_err = rng.standard_normal(3600)
+            labels = np.array(["1"] * 3600, dtype=object)
+            if with_runs:
+                for start in range(300, 3500, 200):
+                    log_err[start:start + 4] += 4
+                    labels[start:start + 4] = "2"
+            out.append(Stream(f"s{i}", np.exp(log_err), labels, np.arange(3600.0)))
+        return out
+
+    calibration = CalibrationConfig(warmup_beats=150)
+    normal, _ = run_policy(make(6, False), prior, calibration)
+    anomalous, _ = run_policy(make(4, True), prior, calibration)
+    configs = [ScorePolicyConfig(aggregate="mean", window=w) for w in (1, 3)] + [ScorePolicyConfig(aggregate="ewma")]
+    chosen, table = choose_operating_point(normal, anomalous, budget_per_hour=1.0, configs=configs, warmup_beats=150)
+    assert sum(r["chosen"] for r in table) == 1
+    row = next(r for r in table if r["chosen"])
+    assert row["false_alerts_per_hour"] <= 1.0 and row["detection_rate"] > 0.9
+    assert {"aggregate", "fire_level", "detection_rate", "mean_delay_beats", "mean_delay_s"} <= set(row)
+    report = evaluate(anomalous, [fired(s, chosen) for s in anomalous], warmup_beats=150)
+    assert report["detection_rate"] == row["detection_rate"] and report["per_beat_auroc"]["2"] > 0.95
+    assert 0 < report["nab_standard"] <= 100
+    assert plot_operating_curve(table, tmp_path / "curve.png", 1.0).stat().st_size > 0
