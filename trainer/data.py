@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pooch
 
 ECG5000_URL = "https://timeseriesclassification.com/aeon-toolkit/ECG5000.zip"
 ECG5000_SHAPE = (5000, 140, 1)
@@ -98,7 +100,7 @@ def load_ucr_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
             frame = pd.read_csv(io.StringIO(text), sep="\t" if tab else r"\s+", header=None, dtype=float)
             labels, values = frame.iloc[:, 0].to_numpy(), frame.iloc[:, 1:].to_numpy()
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot parse ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+        raise DataError(f"{path}: cannot parse ({_reason(exc)})") from None
     if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] < 2:
         raise DataError(f"{path}: no windows found")
     _check_finite(path, values)
@@ -141,7 +143,7 @@ def load_table(path: Path, label_column: str = "label", n_features: int = 1, nor
     try:
         frame = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
     except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: cannot read ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+        raise DataError(f"{path}: cannot read ({_reason(exc)})") from None
     if frame.empty:
         raise DataError(f"{path}: no windows found")
     labels = frame.pop(label_column).to_numpy() if label_column in frame.columns else None
@@ -182,6 +184,11 @@ def _label_strings(path: Path, labels: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=object)
 
 
+def _reason(exc: Exception) -> str:
+    """The first line of an exception's message (parsers can print whole files), or its type."""
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
 def _is_ecg5000(directory: Path) -> bool:
     return any(p.name.upper().startswith("ECG5000_") for p in directory.rglob("ECG5000_*"))
 
@@ -200,17 +207,15 @@ def validate_ecg5000(data: Dataset, verify_digest: bool = True) -> None:
 
 
 def default_cache_dir() -> Path:
-    """Where the ECG5000 download is kept unless told otherwise (~/.cache/ecg-monitor on Linux)."""
-    import pooch
-
-    return Path(pooch.os_cache("ecg-monitor"))
+    """$ECG_MONITOR_CACHE, else the user's cache directory (~/.cache/ecg-monitor on Linux): the one
+    default for the ECG5000 download (trainer, replayer, demo) and the demo's model and logs."""
+    override = os.environ.get("ECG_MONITOR_CACHE")
+    return Path(override) if override else Path(pooch.os_cache("ecg-monitor"))
 
 
 def download_ecg5000(cache_dir: Path) -> Path:
     """Fetch and unzip ECG5000 into cache_dir once (pooch caches it); return the directory.
     Integrity is checked on the parsed values (ECG5000_DIGEST), not the zip bytes."""
-    import pooch
-
     target = Path(cache_dir) / "ECG5000"
     if target.is_dir() and any(target.rglob("ECG5000_TEST.*")):
         return target
