@@ -1,5 +1,5 @@
 """The monitor's settings: environment (prefix MONITOR_) and `.env`, validated at start-up.
-The README's "Configuration" table lists every field here with its default."""
+The table in docs/configuration.md lists every field here with its default (a test checks)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The wire formats: the one place that defines what goes over Kafka.
 
 Input records come in on the input topic, keyed by sensor id. Alerts, per-window
-scores and dead letters go out. Everything is UTF-8 JSON; see README "Wire formats".
+scores and dead letters go out. Everything is UTF-8 JSON; see docs/wire-formats.md.
 """
 
 from __future__ import annotations
