@@ -29,7 +29,7 @@ class Metrics:
         r = self.registry
         p = PREFIX
         self.build_info = Info(f"{p}_build", "Monitor version, model version and scoring device", registry=r)
-        self.ready = Gauge(f"{p}_ready", "1 when the model is loaded and the consumer has its assignment", registry=r)
+        self.ready = Gauge(f"{p}_ready", "1 when /readyz answers 200: model loaded, partitions assigned, Kafka reachable, not stopping", registry=r)
         self.model_threshold = Gauge(f"{p}_model_threshold", "Anomaly threshold of the loaded model (score units)", registry=r)
 
         self.records = Counter(f"{p}_records_total", "Input records consumed", registry=r)
