@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -22,11 +21,11 @@ import numpy as np
 import sklearn
 import torch
 
-from monitor.core.artefact import Artefact
+from monitor.core import normalise
+from monitor.core.artefact import Artefact, weights_digest
 from monitor.core.model import ModelConfig
 from monitor.core.scoring import Scorer
 from trainer import data as data_mod
-from monitor.core import normalise
 from trainer import plots
 from trainer.evaluate import error_stats, evaluate, write_report
 from trainer.fit import FitResult, deterministic, torch_threads, train_autoencoder
@@ -100,7 +99,7 @@ def _fit_model(s: TrainerSettings, dataset: SplitData | None) -> FitOutcome:
         value=s.threshold_value, anomalous=labelled)
     test_metrics, test_errors = evaluate(scorer, test.windows, test.labels, s.normal_label)
 
-    report = {
+    report: dict[str, Any] = {
         "model_version": artefact.model_version,
         "threshold": {"value": artefact.threshold, **artefact.threshold_method},
         "validation_errors": error_stats(val_errors[val.normal]),
@@ -126,19 +125,16 @@ def _auto_device() -> str:
 
 def model_version(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> str:
     """e.g. ecg-lstm-ae-e32h64-20251123094500-1a2b3c4d (the suffix is a digest of the weights)."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        h.update(name.encode())
-        h.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
-    return f"ecg-lstm-ae-e{config.embedding_dim}h{config.hidden_dim}-{stamp}-{h.hexdigest()[:8]}"
+    return f"ecg-lstm-ae-e{config.embedding_dim}h{config.hidden_dim}-{stamp}-{weights_digest(state_dict)[:8]}"
 
 
 def data_info(split_data: SplitData, s: TrainerSettings) -> dict[str, Any]:
     ds = split_data.dataset
+    names, counts = np.unique(ds.labels.astype(str), return_counts=True)
     return {"source": ds.source, "digest": ds.digest, "n_windows": int(len(ds.labels)),
             "window_length": ds.window_length, "n_features": ds.n_features, "normal_label": s.normal_label,
-            "labels": {str(k): int(v) for k, v in zip(*np.unique(ds.labels.astype(str), return_counts=True))},
+            "labels": {str(k): int(v) for k, v in zip(names, counts, strict=True)},
             "split": {"seed": split_data.seed, "val_fraction": s.val_fraction, "test_fraction": s.test_fraction,
                       "val_anomaly_fraction": s.val_anomaly_fraction, "limit": s.limit,
                       "train": len(split_data.train), "val": len(split_data.val), "test": len(split_data.test)}}

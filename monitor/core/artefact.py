@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ class Artefact:
             "metadata": self.metadata,
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (temp file + rename), so a crash never leaves half a model."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ class Artefact:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Artefact":
+    def load(cls, path: str | os.PathLike[str]) -> Artefact:
         path = Path(path)
         payload = _read(path)
         missing = [f for f in REQUIRED_FIELDS if f not in payload]
@@ -151,11 +152,17 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _checksum(payload: dict[str, Any]) -> str:
-    digest = hashlib.sha256()
+    """SHA-256 over every field but the weights (as sorted JSON), then the weights."""
     meta = {k: v for k, v in payload.items() if k not in ("state_dict", "checksum")}
-    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    for name in sorted(payload["state_dict"]):
-        tensor = payload["state_dict"][name]
+    return weights_digest(payload["state_dict"], header=json.dumps(meta, sort_keys=True, default=str).encode())
+
+
+def weights_digest(state_dict: Mapping[str, torch.Tensor], header: bytes = b"") -> str:
+    """SHA-256 (hex) of `header`, then each tensor in name order: its name, shape and bytes.
+    The artefact's checksum and the digest in a model version are both this one hash."""
+    digest = hashlib.sha256(header)
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -1,5 +1,5 @@
-"""Window normalisation for training, written into the artefact so that `Scorer.prepare`
-applies exactly the same transform online (a test checks the two agree)."""
+"""Window normalisation: fitted by the trainer, written into the artefact, and applied by this
+one function both in training and online (`Scorer.prepare`), so the two cannot drift apart."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ def fit_normalisation(kind: str, train: np.ndarray) -> dict[str, Any]:
 
 
 def apply(spec: dict[str, Any], windows: np.ndarray) -> np.ndarray:
-    """float32 (n, length, features), normalised as `Scorer.prepare` does."""
-    x = np.asarray(windows, dtype=np.float32)
+    """Windows (n, length, features) as contiguous float32, normalised by the artefact's `spec`:
+    "zscore" each window to mean 0 / std 1 (sample std), "global" by the training set's mean/std
+    per feature, "none" unchanged."""
+    x: np.ndarray = np.asarray(windows, dtype=np.float32)
     if spec["kind"] == "zscore":
         mean = x.mean(axis=1, keepdims=True)
         std = x.std(axis=1, ddof=1, keepdims=True)

@@ -4,11 +4,13 @@ by the daemon, so offline and online scores are the same numbers."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from monitor.core import normalise
 from monitor.core.artefact import Artefact, ArtefactError
 from monitor.core.model import LSTMAutoencoder
 
@@ -35,14 +37,9 @@ class Scorer:
         self.model = LSTMAutoencoder(artefact.config)
         self.model.load_state_dict(artefact.state_dict)
         self.model.to(self.device).eval()
-        norm = artefact.normalisation
-        self._norm_kind = norm.get("kind", "none")
-        if self._norm_kind == "global":
-            self._mean = np.asarray(norm["mean"], dtype=np.float32)
-            self._std = np.asarray(norm["std"], dtype=np.float32)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, device: str = "auto", max_batch: int = 1024) -> "Scorer":
+    def from_file(cls, path: str | os.PathLike[str], device: str = "auto", max_batch: int = 1024) -> Scorer:
         return cls(Artefact.load(Path(path)), device=device, max_batch=max_batch)
 
     @property
@@ -62,22 +59,16 @@ class Scorer:
         return self.artefact.model_version
 
     def prepare(self, windows: np.ndarray) -> np.ndarray:
-        """Shape-check to (n, window_length, n_features) float32 and normalise."""
+        """Shape-check to (n, window_length, n_features) float32 and normalise as in training."""
         x = np.asarray(windows, dtype=np.float32)
         if x.ndim == 2:
             x = x[:, :, None]
         if x.ndim != 3 or x.shape[1:] != (self.window_length, self.n_features):
             raise ValueError(f"expected windows of shape (n, {self.window_length}) or "
                              f"(n, {self.window_length}, {self.n_features}), got {np.shape(windows)}")
-        if self._norm_kind == "zscore":
-            mean = x.mean(axis=1, keepdims=True)
-            std = x.std(axis=1, ddof=1, keepdims=True)
-            x = (x - mean) / np.maximum(std, 1e-6)
-        elif self._norm_kind == "global":
-            x = (x - self._mean) / self._std
-        return np.ascontiguousarray(x)
+        return normalise.apply(self.artefact.normalisation, x)
 
-    def _forward(self, x: np.ndarray):
+    def _forward(self, x: np.ndarray) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
         """Yield (slice, input, reconstruction) tensors, max_batch windows at a time."""
         with torch.inference_mode():
             for start in range(0, len(x), self.max_batch):
