@@ -399,13 +399,60 @@ def test_dockerfile_copies_exist_user_healthcheck_entrypoint(dockerfile, monkeyp
         assert users and users[-1].split(":")[0] not in ("0", "root"), f"{name} must run as non-root"
         entrypoint = json.loads(next(line for line in instructions if line.startswith("ENTRYPOINT"))[10:])
         assert entrypoint[0] in scripts, f"{name}: {entrypoint[0]} is not a console script"
-        env = dict(re.findall(r"(MONITOR_\w+)=(\S+)", " ".join(line for line in instructions if line.startswith("ENV"))))
+        env_lines = " ".join(line for line in instructions if line.startswith("ENV"))
+        env = dict(re.findall(r"(MONITOR_\w+)=(\S+)", env_lines))
         settings = _settings(env, monkeypatch)
         if name == "monitor":
             healthcheck = next(line for line in instructions if line.startswith("HEALTHCHECK"))
             assert "/healthz" in healthcheck
             assert f"EXPOSE {settings.metrics_port}" in instructions
             assert str(settings.model_path).startswith("/models/")
+
+
+def _build_chain(stages: dict[str, list[str]], name: str) -> list[str]:
+    """The instructions that make stage `name`: its FROM ancestors' first, then its own."""
+    base = re.match(r"FROM\s+(\S+)", stages[name][0], re.I).group(1)
+    return (_build_chain(stages, base) if base in stages else []) + stages[name]
+
+
+def _venv_source(stages: dict[str, list[str]], name: str) -> str:
+    """The stage whose /opt/venv the runtime stage `name` copies."""
+    return next(re.match(r"COPY\s+--from=(\S+)\s+/opt/venv", line).group(1) for line in stages[name]
+                if re.match(r"COPY\s+--from=\S+\s+/opt/venv", line))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_daemon_image_installs_neither_the_tools_nor_the_trainer(dockerfile):
+    """The daemon never imports monitor.tools (replayer, demo, embedded broker, harness) or the
+    trainer (tests/test_architecture.py checks that); its image does not carry them."""
+    stages = _dockerfile_stages(dockerfile)
+    build = _build_chain(stages, _venv_source(stages, "monitor"))
+    assert not [line for line in build if re.match(r"COPY\s+(?!--from).*\btrainer\b", line)], "trainer copied"
+    copies_monitor = any(re.match(r"COPY\s+monitor\s", line) for line in build)
+    install = next(line for line in build if "pip install ." in line)
+    assert copies_monitor and re.search(r"rm -rf monitor/tools\s*&&\s*pip install \.", install), install
+
+
+def test_the_trainer_image_keeps_the_replayer():
+    stages = _dockerfile_stages(DEPLOY / "docker" / "Dockerfile")
+    build = _build_chain(stages, _venv_source(stages, "trainer"))
+    assert any(re.match(r"COPY\s+trainer\s", line) for line in build)
+    assert not any("monitor/tools" in line for line in build), "`ecg-monitor replay` runs in the trainer image"
+
+
+def test_one_version_source_and_image_tags_that_follow_it():
+    from monitor import __version__
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^dynamic\s*=\s*\[[^]]*"version"', pyproject, re.M)
+    assert re.search(r'^version\s*=\s*\{\s*attr\s*=\s*"monitor.__version__"\s*\}', pyproject, re.M)
+    assert not re.search(r'^version\s*=\s*"', pyproject, re.M), "a second, literal version"
+    tags = {}
+    for path in [*DEPLOY.rglob("*"), REPO / "Makefile"]:
+        if path.is_file() and path.suffix not in (".json", ".png"):
+            for tag in re.findall(r"ecg-(?:monitor|trainer):(?:\$\{ECG_VERSION:-)?(\d+\.\d+\.\d+)", path.read_text()):
+                tags.setdefault(tag, set()).add(str(path.relative_to(REPO)))
+    assert tags and set(tags) == {__version__}, f"image tags other than {__version__}: {tags}"
 
 
 # ----------------------------------------------------------------------------- Kubernetes
