@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from monitor import __version__
+
 #: subcommand -> (module, one-line help). Each module has `add_arguments(parser)` and `main(args) -> int`.
 COMMANDS = {
     "run": ("monitor.daemon.loop", "run the monitoring daemon (settings from MONITOR_* env / .env)"),
@@ -27,8 +29,6 @@ TOOLS = ("monitor.tools", "trainer")
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """Only the chosen subcommand's module is imported (torch is slow to import);
     top-level --help lists every command without importing any."""
-    from monitor import __version__
-
     parser = argparse.ArgumentParser(prog="ecg-monitor", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

