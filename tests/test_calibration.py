@@ -72,6 +72,12 @@ def test_bad_quality_beats_are_scored_but_teach_nothing():
     assert out.score > 0 and state.beats == 0 and state.warmup == []
 
 
+def test_a_non_finite_error_is_refused():
+    cal = Calibrator(PRIOR)
+    with pytest.raises(ValueError):
+        cal.update(cal.new_state(), float("nan"))
+
+
 def test_state_round_trips_through_json_exactly_and_is_deterministic():
     cal = Calibrator(PRIOR, CalibrationConfig(warmup_beats=50))
     errors = normal_errors(120, seed=3)

@@ -135,6 +135,8 @@ class Calibrator:
     def update(self, state: CalibrationState, error: float, good_quality: bool = True) -> Calibrated:
         """Score one beat's error, then learn from it (warm-up buffer or slow adaptation).
         Bad-quality beats are scored but teach nothing."""
+        if not math.isfinite(error):  # would poison the baseline and the aggregate for good
+            raise ValueError(f"non-finite reconstruction error {error!r}")
         x = math.log(max(float(error), MIN_ERROR))
         calibrating = state.beats < self.config.warmup_beats
         score = (x - state.location) / state.scale
