@@ -1,9 +1,11 @@
-"""Reliability: bad model files. Corrupt, truncated, from a newer format, missing fields, or a
-pickle that carries code: each is refused with an error naming the file, no code from the file
-ever runs, and the daemon exits non-zero with that message instead of starting."""
+"""Reliability: bad model files. Corrupt, truncated, from a newer format, missing fields, a
+pickle that carries code, non-finite weights or threshold, or weights whose warm-up score is not
+finite: each is refused with an error naming the file, no code from the file ever runs, `check`
+reports it, and the daemon exits non-zero with that message instead of starting."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import subprocess
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 from bench import tally
 from monitor.core.artefact import Artefact, ArtefactError, _checksum
 from monitor.core.model import LSTMAutoencoder, ModelConfig
+from monitor.core.scoring import Scorer
 
 pytestmark = pytest.mark.reliability
 
@@ -98,6 +101,18 @@ def bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     payload["reduction"] = "median"
     files["unknown_reduction"] = (rewrite(tmp / "reduction.pt", payload), "unknown reduction")
 
+    for name, tensor, value in [("nan_weights", "output.bias", float("nan")),
+                                ("inf_weights", "encoder_in.weight_hh_l0", float("-inf"))]:
+        payload = payload_of(good)
+        payload["state_dict"][tensor][0] = value
+        files[name] = (rewrite(tmp / f"{name}.pt", payload), f"non-finite weights in {tensor}")
+
+    for name, value in [("nan_threshold", float("nan")), ("inf_threshold", float("inf")),
+                        ("zero_threshold", 0.0), ("negative_threshold", -0.5)]:
+        payload = payload_of(good)
+        payload["threshold"]["value"] = value
+        files[name] = (rewrite(tmp / f"{name}.pt", payload), "threshold must be a finite number > 0")
+
     torch.save([1, 2, 3], tmp / "list.pt")
     files["top_level_not_dict"] = (tmp / "list.pt", "top level is list")
 
@@ -115,9 +130,22 @@ def bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     return files
 
 
+def overflowing_model(path: Path) -> Path:
+    """Finite weights whose reconstruction overflows float32: only the warm-up can tell."""
+    payload = payload_of(good_model(path))
+    payload["state_dict"]["output.bias"].fill_(3e38)
+    return rewrite(path, payload)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     return bad_files(tmp_path_factory.mktemp("bad-models"))
+
+
+@pytest.fixture(scope="module")
+def models_and_overflowing(models, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    path = overflowing_model(tmp_path_factory.mktemp("overflow") / "overflowing.pt")
+    return {**models, "overflowing_weights": (path, "warm-up score is inf")}
 
 
 def test_the_good_model_loads(tmp_path):
@@ -137,6 +165,32 @@ def test_every_bad_model_file_is_refused_with_a_clear_error(models):
     assert not marker.exists(), "loading a model file ran code from it"
     tally.record("bad model file (loader)", records_tried=len(models), faults_injected=refused)
     assert refused == len(models)
+
+
+def test_the_warm_up_of_a_good_model_scores_a_finite_number(tmp_path):
+    score = Scorer.from_file(good_model(tmp_path / "m.pt"), device="cpu").warm_up()
+    assert math.isfinite(score) and score >= 0
+
+
+def test_a_model_whose_warm_up_score_is_not_finite_is_refused(tmp_path):
+    path = overflowing_model(tmp_path / "overflowing.pt")
+    scorer = Scorer.from_file(path, device="cpu")  # every weight is finite: the file loads
+    with pytest.raises(ArtefactError) as error:
+        scorer.warm_up()
+    assert str(error.value).startswith(str(path)) and "warm-up score is inf" in str(error.value)
+    tally.record("bad model file (warm-up)", records_tried=1, faults_injected=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nan_threshold", "nan_weights", "overflowing_weights"])
+def test_check_reports_a_model_that_cannot_score(models_and_overflowing, name, tmp_path):
+    path, expect = models_and_overflowing[name]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")},
+           "MONITOR_MODEL_PATH": str(path), "MONITOR_DEVICE": "cpu", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "monitor", "check", "--skip-broker", "--env-file", "/dev/null"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"PROBLEM: model: {path}: " in done.stdout and expect in done.stdout, done.stdout
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -172,9 +226,10 @@ def test_randomly_damaged_model_files_load_intact_or_are_refused(tmp_path, data)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["truncated_half", "bytes_flipped", "newer_format_version",
-                                  "code_in_torch_zip", "code_in_raw_pickle", "missing_file"])
-def test_the_daemon_does_not_start_with_a_bad_model(models, name, tmp_path):
-    path, expect = models[name]
+                                  "code_in_torch_zip", "code_in_raw_pickle", "missing_file",
+                                  "nan_threshold", "nan_weights", "overflowing_weights"])
+def test_the_daemon_does_not_start_with_a_bad_model(models_and_overflowing, name, tmp_path):
+    path, expect = models_and_overflowing[name]
     env = {**os.environ, "MONITOR_MODEL_PATH": str(path), "MONITOR_METRICS_PORT": "0",
            "MONITOR_BOOTSTRAP_SERVERS": "127.0.0.1:9", "MONITOR_DEVICE": "cpu",
            "PYTHONPATH": str(REPO)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 from collections.abc import Mapping
@@ -115,6 +116,7 @@ class Artefact:
             raise ArtefactError(f"{path}: unknown reduction {artefact.reduction!r}")
         if artefact.normalisation.get("kind") not in NORMALISATIONS:
             raise ArtefactError(f"{path}: unknown normalisation {artefact.normalisation!r}")
+        _check_finite(path, artefact)
         return artefact
 
     def describe(self) -> dict[str, Any]:
@@ -130,6 +132,16 @@ class Artefact:
             "threshold": {"value": self.threshold, **self.threshold_method},
             **self.metadata,
         }
+
+
+def _check_finite(path: Path, artefact: Artefact) -> None:
+    """A NaN weight makes every score NaN, and a NaN threshold makes every comparison false: either
+    way the daemon would never alert. (A checksum only proves the file is the one that was written.)"""
+    for name, tensor in artefact.state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ArtefactError(f"{path}: non-finite weights in {name}")
+    if not (math.isfinite(artefact.threshold) and artefact.threshold > 0):
+        raise ArtefactError(f"{path}: threshold must be a finite number > 0, not {artefact.threshold}")
 
 
 def _read(path: Path) -> dict[str, Any]:

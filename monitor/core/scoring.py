@@ -3,6 +3,7 @@ by the daemon, so offline and online scores are the same numbers."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +38,25 @@ class Scorer:
         self.model = LSTMAutoencoder(artefact.config)
         self.model.load_state_dict(artefact.state_dict)
         self.model.to(self.device).eval()
+        #: Where the artefact came from (for error messages); None when built in memory.
+        self.source: Path | None = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], device: str = "auto", max_batch: int = 1024) -> Scorer:
-        return cls(Artefact.load(Path(path)), device=device, max_batch=max_batch)
+        scorer = cls(Artefact.load(Path(path)), device=device, max_batch=max_batch)
+        scorer.source = Path(path)
+        return scorer
+
+    def warm_up(self) -> float:
+        """Score one synthetic window (a sine wave) and return its score; ArtefactError naming the
+        file when it is not finite (finite weights can still overflow float32, and a model that
+        scores NaN never alerts). Also makes the first real batch as fast as the rest."""
+        wave = np.sin(np.linspace(0.0, 2 * np.pi, self.window_length, dtype=np.float32))
+        score = float(self.score(np.repeat(wave[None, :, None], self.n_features, axis=2))[0])
+        if not math.isfinite(score):
+            raise ArtefactError(f"{self.source or 'model'}: warm-up score is {score}, not a finite number: "
+                                "the weights overflow float32 on an ordinary window")
+        return score
 
     @property
     def window_length(self) -> int:

@@ -1,4 +1,5 @@
-"""`ecg-monitor check`: validate the settings, the model and broker connectivity; print a summary.
+"""`ecg-monitor check`: validate the settings, the model (it must load and score a synthetic window
+to a finite number) and broker connectivity; print a summary.
 
 Exit code 0 when everything the daemon needs is in place, 1 when something is wrong (each
 problem is printed), 2 when the settings themselves are invalid. Nothing is created or changed.
@@ -43,13 +44,14 @@ def check_model(settings: MonitorSettings, problems: list[str]) -> dict[str, Any
 
     try:
         scorer = Scorer.from_file(settings.model_path, device=settings.device, max_batch=settings.max_batch)
+        warm_up_score = scorer.warm_up()
     except (ArtefactError, RuntimeError) as exc:
         problems.append(f"model: {exc}")
         return None
     hop = settings.hop or scorer.window_length
     return {"path": str(settings.model_path), "model_version": scorer.model_version,
             "window_length": scorer.window_length, "hop": hop, "threshold": scorer.threshold,
-            "reduction": scorer.artefact.reduction, "device": str(scorer.device)}
+            "reduction": scorer.artefact.reduction, "device": str(scorer.device), "warm_up_score": warm_up_score}
 
 
 def check_broker(settings: MonitorSettings, timeout_s: float, problems: list[str]) -> dict[str, Any] | None:

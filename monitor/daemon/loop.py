@@ -452,7 +452,7 @@ def load_scorer(settings: MonitorSettings) -> Scorer:
 
         torch.set_num_threads(settings.torch_threads)
     scorer = Scorer.from_file(settings.model_path, device=settings.device, max_batch=settings.max_batch)
-    scorer.score(np.zeros((1, scorer.window_length), dtype=np.float32))
+    scorer.warm_up()  # also refuses a model whose score is not finite (ArtefactError)
     log.info("model loaded", extra={"path": str(settings.model_path), "model_version": scorer.model_version,
                                     "window_length": scorer.window_length, "threshold": scorer.threshold,
                                     "device": str(scorer.device)})
