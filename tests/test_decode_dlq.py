@@ -6,9 +6,13 @@ import base64
 import hashlib
 import json
 
+import numpy as np
 import pytest
 from support import malformed_records
 
+from monitor.core.artefact import Artefact
+from monitor.core.model import LSTMAutoencoder, ModelConfig
+from monitor.core.scoring import Scorer
 from monitor.stream.wire import (DEAD_LETTER_KEY_BYTES, DEAD_LETTER_MAX_BYTES, DEAD_LETTER_VALUE_BYTES, REJECT_REASONS,
                                  DeadLetter, InvalidRecord, decode_input, encode_input)
 
@@ -92,16 +96,23 @@ def test_the_largest_int64_seq_is_accepted():
     assert decode_input(None, encode_input("s", INT64_MAX - 1, [1.0])).end_seq == INT64_MAX
 
 
-@pytest.mark.parametrize("big", ["1e39", "-1e39", "3.5e38", "1.7e308"])
-def test_values_finite_in_json_but_beyond_float32_are_rejected_as_non_finite(big):
+@pytest.mark.parametrize("big", ["1e39", "-1e39", "3.5e38", "1.7e308",  # finite in JSON, inf in float32
+                                 "3e38", "1e37", "-2e19", "1.1e15"])  # finite in float32, not its window's score
+def test_values_too_large_to_score_are_rejected_as_non_finite(big):
     value = b'{"sensor_id": "s", "seq": 0, "values": [0.5, %s, 0.25]}' % big.encode()
     with pytest.raises(InvalidRecord) as caught:
         decode_input(None, value)
     assert caught.value.reason == "non_finite" and "float32" in caught.value.detail
 
 
-def test_the_largest_float32_is_accepted():
-    assert decode_input(None, encode_input("s", 0, [3.4e38, -3.4e38])).values == [3.4e38, -3.4e38]
+def test_the_largest_scorable_values_are_accepted_and_score_finite():
+    assert decode_input(None, encode_input("s", 0, [1e15, -1e15])).values == [1e15, -1e15]
+    config = ModelConfig(embedding_dim=4, hidden_dim=8)
+    scorer = Scorer(Artefact(config, LSTMAutoencoder(config).state_dict(), threshold=0.5,
+                             normalisation={"kind": "zscore"}), device="cpu")
+    wave = np.sin(np.linspace(0, 2 * np.pi, config.window_length))
+    scores = scorer.score(np.stack([wave, wave * 1e15, np.where(wave > 0, 1e15, -1e15)]))
+    assert np.isfinite(scores).all() and scores[1] == pytest.approx(scores[0], rel=1e-4)
 
 
 # -- dead letters that can always be produced ------------------------------------------------------

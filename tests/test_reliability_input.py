@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import tally
-from monitor.stream.wire import (DEAD_LETTER_MAX_BYTES, DEAD_LETTER_VALUE_BYTES, FLOAT32_MAX, INT64_MAX,
+from monitor.stream.wire import (DEAD_LETTER_MAX_BYTES, DEAD_LETTER_VALUE_BYTES, SAMPLE_ABS_MAX, INT64_MAX,
                                  MAX_RECORD_BYTES, REJECT_REASONS, DeadLetter, InputRecord, InvalidRecord,
                                  decode_input, dead_letter_max_bytes, encode_input)
 
@@ -56,7 +56,7 @@ def check(key: bytes | None, value: bytes | None, max_bytes: int = MAX_RECORD_BY
         return None
     assert value is not None and len(value) <= max_bytes
     assert record.sensor_id.isprintable() and 0 <= record.seq < record.end_seq <= INT64_MAX
-    assert all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in record.values)
+    assert all(math.isfinite(v) and abs(v) <= SAMPLE_ABS_MAX for v in record.values)
     assert key is None or key == record.sensor_id.encode()
     assert decode_input(key, record.to_bytes()) == record
     return record

@@ -31,9 +31,11 @@ REJECT_REASONS = (
 
 #: Sample positions are published as window bounds, which consumers read as 64-bit integers.
 INT64_MAX = 2**63 - 1
-#: The largest finite float32 (np.finfo(np.float32).max): samples are scored as float32, so a
-#: larger value, finite in JSON, would become inf and then a NaN score.
-FLOAT32_MAX = 3.4028234663852886e38
+#: The largest |sample| accepted. Samples are scored as float32: a value beyond 3.4e38 (finite in
+#: JSON) becomes inf, and from about 1e19 up the per-window normalisation's sum of squares
+#: overflows, so the window scores NaN (never an alert) or as a flat line. 1e15 keeps that sum
+#: finite for windows up to 3e8 samples, and is far beyond any ECG unit (mV, uV, ADC counts).
+SAMPLE_ABS_MAX = 1e15
 
 
 def _printable(sensor_id: str) -> str:
@@ -45,9 +47,10 @@ def _printable(sensor_id: str) -> str:
     return sensor_id
 
 
-def _within_float32(values: list[float]) -> list[float]:
-    if max(values) > FLOAT32_MAX or min(values) < -FLOAT32_MAX:
-        raise PydanticCustomError("non_finite", "a value is beyond the float32 range (it would score as inf)")
+def _scorable(values: list[float]) -> list[float]:
+    if max(values) > SAMPLE_ABS_MAX or min(values) < -SAMPLE_ABS_MAX:
+        raise PydanticCustomError("non_finite", "a value is beyond +-1e15: in float32 its window would not "
+                                                "score as a finite number")
     return values
 
 
@@ -61,7 +64,7 @@ class InputRecord(BaseModel):
 
     sensor_id: SensorId
     seq: Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]
-    values: Annotated[list[Annotated[float, Field(strict=True)]], Field(min_length=1), AfterValidator(_within_float32)]
+    values: Annotated[list[Annotated[float, Field(strict=True)]], Field(min_length=1), AfterValidator(_scorable)]
     ts: Annotated[float | None, Field(description="epoch seconds of the first sample")] = None
     fs: Annotated[float | None, Field(gt=0, description="sampling rate in Hz")] = None
 
