@@ -232,4 +232,5 @@ def test_check_reports_settings_model_and_topics(broker, trained_model, topic_pr
     assert "nonexistent.pt" in missing.stdout and f"{topic_prefix}.nope" in missing.stdout
 
     invalid = _check({**env, "MONITOR_ALERT_K": "5", "MONITOR_ALERT_N": "3"}, "--skip-broker")
-    assert invalid.returncode == 2 and "alert_k" in invalid.stdout
+    assert invalid.returncode == 2 and "MONITOR_ALERT_K" in invalid.stderr  # errors go to stderr
+    assert "hunter2" not in invalid.stdout + invalid.stderr  # the model-level error's input held it
