@@ -155,3 +155,11 @@ def test_a_flat_or_silent_stream_gives_no_beats() -> None:
     detector = OnlineRPeakDetector(250, CONVENTION)
     assert detector.push(0, np.zeros(250 * 30)) == []
     assert detector.buffered_samples <= 250 * 12
+
+
+def test_an_inverted_lead_gives_the_same_r_peaks(record_100) -> None:
+    """Peaks sit on the most prominent QRS extremum, up or down: a lead with negative QRS is found alike."""
+    signal, _ = at_rate(record_100, 250, seconds=120)
+    _, upright = stream(signal, 250, record_size=250)
+    _, inverted = stream(-signal, 250, record_size=250)
+    assert [b.r_peak for b in inverted] == [b.r_peak for b in upright]

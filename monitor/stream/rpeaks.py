@@ -50,7 +50,7 @@ class DetectorConfig:
     guard_s: float = 2.5  # > sleepecg's search-back horizon (1.66 RR) for heart rates above 40 bpm
     window_s: float = 10.0
     refractory_s: float = 0.2
-    refine_s: float = 0.06  # the dominant deflection is searched this far either side of a detection
+    refine_s: float = 0.15  # the dominant deflection is searched this far either side of a detection
     max_rr_s: float = 3.0
 
 
@@ -93,7 +93,7 @@ class OnlineRPeakDetector:
         self._guard = int(round(cfg.guard_s * fs))
         self._window = max(self._step + self._guard, int(round(cfg.window_s * fs)))
         self._refine = max(1, int(round(cfg.refine_s * fs)))
-        self._lag = max(1, int(round(0.1 * fs)))  # the refinement score's baseline samples, either side
+        self._lag = max(1, int(round(0.05 * fs)))  # the refinement score's neighbours, either side
         self._refractory = int(round(cfg.refractory_s * fs))
         self._max_rr = int(round(cfg.max_rr_s * fs))
         self._origin = origin_seq
@@ -149,17 +149,27 @@ class OnlineRPeakDetector:
 
     def _run_step(self, k: int) -> list[BeatSpan]:
         lo, hi = self._window_start(k), self._slice_end(k) + self._guard
-        x = self._samples(lo, hi)
-        found = np.unique(self._detect(x, self.fs)) + lo
-        owned = sorted({self._refine_peak(int(p), lo, hi) for p in found})
+        found = np.unique(self._detect(self._samples(lo, hi), self.fs)) + lo
         beats: list[BeatSpan] = []
-        for peak in owned:
+        for peak in self._resolve(sorted({self._refine_peak(int(p), lo, hi) for p in found})):
             if not self._slice_start(k) <= peak < self._slice_end(k):
                 continue
             if self._last_peak is not None and peak - self._last_peak < self._refractory:
                 continue
             beats.extend(self._commit(peak))
         return beats
+
+    def _resolve(self, candidates: list[tuple[int, float]]) -> list[int]:
+        """Of detections closer than the refractory period (a P or T wave taken for a beat), keep the most
+        prominent: decided within one window, which sees both, so neighbouring slices agree."""
+        kept: list[tuple[int, float]] = []
+        for peak, prominence in candidates:
+            if kept and peak - kept[-1][0] < self._refractory:
+                if prominence > kept[-1][1]:
+                    kept[-1] = (peak, prominence)
+                continue
+            kept.append((peak, prominence))
+        return [peak for peak, _ in kept]
 
     def _commit(self, peak: int) -> list[BeatSpan]:
         previous, self._last_peak = self._last_peak, peak
@@ -176,22 +186,29 @@ class OnlineRPeakDetector:
             return []
         return [BeatSpan(previous, peak, lo, self._samples(lo, hi).copy())]
 
-    def _refine_peak(self, p: int, window_lo: int, window_hi: int) -> int:
-        """Move a detection to the largest |x[n] - (x[n - lag] + x[n + lag]) / 2| within +-refine, until it
-        stays: a deterministic local maximum, the same whichever window found the beat."""
+    def _refine_peak(self, p: int, window_lo: int, window_hi: int) -> tuple[int, float]:
+        """Move a detection to the most prominent extremum within +-refine, until it stays.
+
+        Prominence of x[n] over its neighbours at +-lag (50 ms): how far it stands above both, or below both.
+        It depends on three raw samples, so it is the same whichever window found the beat, and it has no side
+        lobes at +-lag (unlike x[n] minus their mean), so the walk stops on the R (or S) extremum itself.
+        """
+        prominence = 0.0
         for _ in range(8):
             lo = max(p - self._refine, window_lo + self._lag)
             hi = min(p + self._refine + 1, window_hi - self._lag)
             if hi <= lo:
-                return p
-            mid = self._samples(lo, hi)
-            score = np.abs(mid - 0.5 * (self._samples(lo - self._lag, hi - self._lag)
-                                        + self._samples(lo + self._lag, hi + self._lag)))
-            best = lo + int(np.argmax(score))
-            if best == p:
                 break
-            p = best
-        return p
+            mid = self._samples(lo, hi)
+            before = self._samples(lo - self._lag, hi - self._lag)
+            after = self._samples(lo + self._lag, hi + self._lag)
+            score = np.maximum(mid - np.maximum(before, after), np.minimum(before, after) - mid)
+            best = int(np.argmax(score))
+            prominence = float(score[best])
+            if lo + best == p:
+                break
+            p = lo + best
+        return p, prominence
 
     # -- buffer and slice arithmetic ---------------------------------------------------------------
 
