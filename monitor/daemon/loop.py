@@ -205,8 +205,9 @@ class Monitor:
 
     def _reject(self, record: Any, error: InvalidRecord) -> None:
         self.metrics.invalid_records.labels(reason=error.reason).inc()
-        letter = DeadLetter.of(error, record.topic, record.partition, record.offset, record.key, record.value)
-        self.outbox.send(self.settings.dlq_topic, record.key, letter.to_bytes(), letter.headers())
+        letter = DeadLetter.of(error, record.topic, record.partition, record.offset, record.key, record.value,
+                               max_value_bytes=self.settings.dlq_max_value_bytes)
+        self.outbox.send(self.settings.dlq_topic, letter.key(), letter.to_bytes(), letter.headers())  # capped key
         self.ledger.sent(record.partition, record.offset)
         self.metrics.dead_letters.inc()
         # A burst of bad records must not flood the log: one warning per reason every 10 s.
