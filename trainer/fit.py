@@ -9,7 +9,7 @@ import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -100,8 +100,10 @@ def train_autoencoder(train: np.ndarray, val: np.ndarray, config: ModelConfig, *
                       lr_schedule: str = "cosine", grad_clip: float | None = 1.0, device: str = "cpu",
                       threads: int | None = 1, max_seconds: float | None = None,
                       forget_bias: float | None = 3.0,
-                      progress: bool = True) -> FitResult:
-    """Fit on `train` (normalised float32 windows), select on `val`; returns the best weights."""
+                      progress: bool = True,
+                      augment: Callable[[np.ndarray, int], np.ndarray] | None = None) -> FitResult:
+    """Fit on `train` (normalised float32 windows), select on `val`; returns the best weights.
+    `augment(train, epoch)`, when given, draws a fresh augmented copy of the training set each epoch."""
     device_ = torch.device(device)
     with deterministic(seed, threads):
         model = LSTMAutoencoder(config)
@@ -121,7 +123,9 @@ def train_autoencoder(train: np.ndarray, val: np.ndarray, config: ModelConfig, *
         bar = tqdm(range(1, epochs + 1), desc="fit", unit="epoch", disable=not progress, dynamic_ncols=True)
         for epoch in bar:
             epoch_start = time.perf_counter()
-            train_loss = train_one_epoch(model, optimiser, x_train, batch_size, order, grad_clip)
+            x_epoch = (x_train if augment is None else
+                       torch.as_tensor(augment(train, epoch), dtype=torch.float32, device=device_))
+            train_loss = train_one_epoch(model, optimiser, x_epoch, batch_size, order, grad_clip)
             if schedule is not None:
                 schedule.step()
             val_loss = l1_loss(model, x_val, max(batch_size, 256))

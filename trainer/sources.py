@@ -1,0 +1,227 @@
+"""Training on several sources: ECG5000 normals, normal beats of WFDB records, synthetic ECG.
+
+One patient teaches a model that patient's morphology; a model for unseen patients needs many
+morphologies, cut by the one beat convention the monitor serves with (`monitor.stream.beats`).
+Every continuous source (a WFDB record, a synthetic recording) is cut by `segment` with one
+polarity per recording, so its beats look like ECG5000's (negative dominant QRS, R at 3/140).
+
+    python -m trainer.sources --out monitor/models/default.pt --ecg5000 ../shared/data/ECG5000 \
+        --record ../shared/data/mitdb-100/100 --synthetic 24
+
+docs/model-card.md has the recipe, why it was chosen, and the figures of the shipped model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
+
+import neurokit2 as nk
+import numpy as np
+import wfdb
+
+from monitor.core.artefact import Artefact
+from monitor.core.model import ModelConfig
+from monitor.core.scoring import Scorer
+from monitor.stream.beats import BeatConvention, Polarity, estimate_polarity, segment
+from trainer import augment as augment_mod
+from trainer import data as data_mod
+from trainer.fit import FitResult, deterministic, train_autoencoder
+from trainer.pipeline import model_version, versions
+from trainer.split import split_indices
+
+#: WFDB beat symbols of the AAMI normal class (N): normal, bundle branch blocks, escapes.
+NORMAL_SYMBOLS = frozenset("NLRej")
+#: WFDB symbols that mark a beat (an R peak); others (rhythm, noise, comments) are not beats.
+BEAT_SYMBOLS = frozenset("NLRejAaJSVEFQ/f")
+#: ECGSYN's default wave angles, amplitudes and widths (P, Q, R, S, T); patients vary around them.
+ECGSYN_AI = (1.2, -5.0, 30.0, -7.5, 0.75)
+ECGSYN_BI = (0.25, 0.1, 0.1, 0.1, 0.4)
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One continuous lead with its R peaks; `normal[i]` says whether beat i (R peak i) is normal."""
+
+    name: str
+    signal: np.ndarray
+    fs: float
+    r_peaks: np.ndarray
+    normal: np.ndarray
+
+
+@dataclass
+class Sources:
+    """Normal training beats per source, (n, length) float32 in the convention."""
+
+    convention: BeatConvention
+    beats: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, int]:
+        return {name: int(len(b)) for name, b in self.beats.items()}
+
+
+def read_wfdb(path: str | Path, lead: str | None = None) -> Recording:
+    """A WFDB record (path without extension) and its reference beat annotations (`atr`)."""
+    record = wfdb.rdrecord(str(path))
+    channel = record.sig_name.index(lead) if lead else 0
+    ann = wfdb.rdann(str(path), "atr")
+    symbols = np.asarray(ann.symbol)
+    is_beat = np.isin(symbols, list(BEAT_SYMBOLS))
+    return Recording(f"{Path(path).name}:{record.sig_name[channel]}", record.p_signal[:, channel], float(record.fs),
+                     np.asarray(ann.sample)[is_beat], np.isin(symbols[is_beat], list(NORMAL_SYMBOLS)))
+
+
+def recording_beats(recording: Recording, convention: BeatConvention, polarity: Polarity | None = None,
+                    normal_only: bool = True) -> np.ndarray:
+    """Beats of a recording in the convention, with one polarity for the whole recording (estimated
+    from its first beats unless given). A beat is normal when its own R peak is annotated normal."""
+    sign = polarity if polarity is not None else estimate_polarity(recording.signal, recording.fs, recording.r_peaks)
+    beats = segment(recording.signal, recording.fs, recording.r_peaks, convention, polarity=sign)
+    if not normal_only:
+        return beats.windows
+    keep = recording.normal[np.searchsorted(recording.r_peaks, beats.r_peak)]
+    normal: np.ndarray = beats.windows[keep]
+    return normal
+
+
+def synthetic_patient(rng: np.random.Generator, duration_s: float = 60.0, fs: float = 250.0
+                      ) -> tuple[Recording, dict[str, Any]]:
+    """A synthetic normal recording (ECGSYN) of a random 'patient': heart rate 50-110 bpm, wave
+    amplitudes x0.6-1.5 and widths x0.8-1.3, T wave discordant to the QRS for a third of them
+    (as in leads where the QRS is negative but the T is not), a little noise. Returns the recording
+    and the patient's parameters (to simulate other beats of the same patient)."""
+    amplitudes = np.asarray(ECGSYN_AI) * rng.uniform(0.6, 1.5, 5)
+    amplitudes[4] *= rng.choice([1, 1, -1])
+    patient = {"heart_rate": float(rng.uniform(50, 110)), "noise": float(rng.uniform(0.0, 0.05)),
+               "ai": tuple(float(a) for a in amplitudes),
+               "bi": tuple(float(b) for b in np.asarray(ECGSYN_BI) * rng.uniform(0.8, 1.3, 5))}
+    return simulate(patient, duration_s, fs, int(rng.integers(1 << 30))), patient
+
+
+def simulate(patient: dict[str, Any], duration_s: float, fs: float, seed: int) -> Recording:
+    """ECGSYN with the patient's parameters; R peaks from neurokit2's detector on the clean signal."""
+    signal = nk.ecg_simulate(duration=duration_s, sampling_rate=int(fs), heart_rate=patient["heart_rate"],
+                             noise=patient["noise"], method="ecgsyn", random_state=seed,
+                             ai=patient["ai"], bi=patient["bi"])
+    _, info = nk.ecg_peaks(nk.ecg_clean(signal, sampling_rate=int(fs)), sampling_rate=int(fs))
+    peaks = np.asarray(info["ECG_R_Peaks"], dtype=np.int64)
+    return Recording(f"ecgsyn-{seed}", np.asarray(signal, dtype=np.float64), fs, peaks,
+                     np.ones(len(peaks), dtype=bool))
+
+
+def synthetic_beats(n_patients: int, seed: int, convention: BeatConvention, duration_s: float = 60.0,
+                    fs: float = 250.0) -> np.ndarray:
+    """Normal beats of `n_patients` synthetic patients."""
+    rng = np.random.default_rng(seed)
+    parts = [recording_beats(synthetic_patient(rng, duration_s, fs)[0], convention) for _ in range(n_patients)]
+    return np.concatenate(parts) if parts else np.empty((0, convention.length), np.float32)
+
+
+def ecg5000_normals(path: str | Path, rows: np.ndarray | None = None) -> np.ndarray:
+    """ECG5000 normal beats (class 1), already in the convention (negative QRS, R at 3/140, z-scored)."""
+    dataset = data_mod.load(Path(path))
+    windows = dataset.windows[:, :, 0].astype(np.float32)
+    chosen = rows if rows is not None else np.flatnonzero(dataset.labels == "1")
+    return windows[chosen]
+
+
+def collect(convention: BeatConvention, *, ecg5000: str | Path | None = None, ecg5000_seed: int = 42,
+            records: Sequence[str | Path] = (), n_synthetic: int = 0, seed: int = 0) -> Sources:
+    """Normal beats of every source. ECG5000 contributes only the train part of its own split
+    (trainer.split with `ecg5000_seed`), so its validation and test beats stay unseen."""
+    sources = Sources(convention)
+    if ecg5000 is not None:
+        labels = data_mod.load(Path(ecg5000)).labels
+        train_rows, _, _ = split_indices(labels, "1", ecg5000_seed)
+        sources.beats["ecg5000"] = ecg5000_normals(ecg5000, train_rows)
+    for path in records:
+        recording = read_wfdb(path)
+        sources.beats[recording.name] = recording_beats(recording, convention)
+    if n_synthetic:
+        sources.beats["synthetic"] = synthetic_beats(n_synthetic, seed, convention)
+    return sources
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training choices, chosen on cross-patient validation (docs/model-card.md)."""
+
+    embedding_dim: int = 16
+    hidden_dim: int = 32
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 3e-3
+    val_fraction: float = 0.15
+    threshold_percentile: float = 99.0
+    max_beats_per_source: int | None = 1000
+    augmentation: augment_mod.Augmentation = augment_mod.Augmentation()
+
+
+def train_val(sources: Sources, recipe: Recipe, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each source split into train / validation (validation: `val_fraction` of each, so every
+    patient is represented in both); a source is capped so no patient dominates."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for beats in sources.beats.values():
+        shuffled = beats[rng.permutation(len(beats))]
+        n_val = max(1, round(recipe.val_fraction * len(shuffled)))
+        val.append(shuffled[:n_val])
+        train.append(shuffled[n_val:][:recipe.max_beats_per_source])
+    return np.concatenate(train)[:, :, None], np.concatenate(val)[:, :, None]
+
+
+def fit_sources(sources: Sources, recipe: Recipe = Recipe(), seed: int = 0, progress: bool = False
+                ) -> tuple[Artefact, FitResult]:
+    """Train on all sources with augmentation; threshold at a high percentile of validation errors."""
+    train, val = train_val(sources, recipe, seed)
+    rng = np.random.default_rng(seed)
+    config = ModelConfig(window_length=sources.convention.length, embedding_dim=recipe.embedding_dim,
+                         hidden_dim=recipe.hidden_dim)
+    with deterministic(seed, 1):
+        fit = train_autoencoder(train, val, config, epochs=recipe.epochs, batch_size=recipe.batch_size,
+                                lr=recipe.lr, patience=recipe.epochs, seed=seed, progress=progress,
+                                augment=lambda x, _: augment_mod.augment(x, rng, recipe.augmentation))
+        artefact = Artefact(config, fit.state_dict, threshold=0.0, normalisation={"kind": "zscore"},
+                            model_version=model_version(config, fit.state_dict))
+        val_errors = Scorer(artefact, device="cpu").score(val)
+    artefact.threshold = float(np.percentile(val_errors, recipe.threshold_percentile))
+    artefact.threshold_method = {"method": "percentile", "percentile": recipe.threshold_percentile}
+    artefact.metadata = json.loads(json.dumps({
+        "windowing": sources.convention.to_dict(),
+        "data": {"sources": sources.describe(), "train": len(train), "val": len(val)},
+        "recipe": {**{k: v for k, v in vars(recipe).items() if k != "augmentation"},
+                   "augmentation": recipe.augmentation.to_dict(), "seed": seed},
+        "training": {"best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss,
+                     "fit_seconds": round(fit.fit_seconds, 1)},
+        "versions": versions(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }, default=str))
+    return artefact, fit
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trainer.sources", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="model artefact to write")
+    parser.add_argument("--ecg5000", type=Path, help="ECG5000 directory (its train split's normals are used)")
+    parser.add_argument("--record", action="append", default=[], help="WFDB record path without extension")
+    parser.add_argument("--synthetic", type=int, default=24, help="synthetic patients (60 s each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=Recipe.epochs)
+    args = parser.parse_args(argv)
+    convention = BeatConvention()
+    sources = collect(convention, ecg5000=args.ecg5000, records=args.record, n_synthetic=args.synthetic,
+                      seed=args.seed)
+    artefact, fit = fit_sources(sources, Recipe(epochs=args.epochs), seed=args.seed, progress=True)
+    path = artefact.save(args.out)
+    print(json.dumps({"out": str(path), "bytes": path.stat().st_size, "threshold": artefact.threshold,
+                      "sources": sources.describe(), "best_epoch": fit.best_epoch}))
+
+
+if __name__ == "__main__":
+    main()
