@@ -163,3 +163,11 @@ def test_an_inverted_lead_gives_the_same_r_peaks(record_100) -> None:
     _, upright = stream(signal, 250, record_size=250)
     _, inverted = stream(-signal, 250, record_size=250)
     assert [b.r_peak for b in inverted] == [b.r_peak for b in upright]
+
+
+def test_joining_a_stream_late_agrees_with_a_detector_that_saw_it_all(record_100) -> None:
+    signal, _ = at_rate(record_100, 360, seconds=90)
+    _, reference = stream(signal, 360, record_size=360)
+    _, late = stream(signal, 360, record_size=360, start=12_345)
+    assert late and [b.r_peak for b in late] == [b.r_peak for b in reference if b.r_peak >= late[0].r_peak]
+    assert late[0].r_peak < 12_345 + 12 * 360  # after one window of lead-in

@@ -81,9 +81,11 @@ class OnlineRPeakDetector:
         config: DetectorConfig | None = None,
         detect: Detect = sleepecg_detect,
     ) -> None:
-        """origin_seq: the stream's first sample (windows never reach before it). start_seq: where the samples
-        fed to this detector begin (a replay from an earlier detector's `lowest_needed_seq`); defaults to
-        the origin."""
+        """origin_seq: the seq of the stream's very first sample (0 when a stream's seq starts at 0): windows
+        never reach before it; keep it the same across restarts. start_seq: where the samples fed to this
+        detector begin (a replay from an earlier detector's `lowest_needed_seq`, or where a late-joining
+        consumer picks the stream up); defaults to the origin. Steps whose window would need samples before
+        start_seq are skipped, so a detector started later agrees with one that saw everything."""
         self.fs = float(fs)
         self.convention = convention
         self.config = config or DetectorConfig()
