@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from fakes import FakeClock
 
 from monitor.stream.batching import Batcher
 from monitor.stream.windowing import Window
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def window(partition: int, sensor: str, start: int, first_offset: int, created: float) -> Window:
@@ -21,7 +14,7 @@ def window(partition: int, sensor: str, start: int, first_offset: int, created: 
 
 
 def test_a_full_batch_is_due_at_once_and_leaves_oldest_first():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     batcher = Batcher(max_batch=3, max_wait_s=1.0, clock=clock)
     batcher.extend([window(0, "a", i * 4, i, clock.now) for i in range(5)])
     assert batcher.due() and batcher.wait_s() == 0.0
@@ -30,7 +23,7 @@ def test_a_full_batch_is_due_at_once_and_leaves_oldest_first():
 
 
 def test_a_partial_batch_is_due_when_its_oldest_window_waited_max_wait():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     batcher = Batcher(max_batch=10, max_wait_s=0.05, clock=clock)
     assert batcher.wait_s() is None and not batcher.due()
     batcher.extend([window(0, "a", 0, 0, clock.now)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from fakes import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,13 +12,6 @@ from monitor.stream.wire import InputRecord
 
 L = 8
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def rec(seq: int, values, sensor: str = "s1") -> InputRecord:
@@ -187,6 +181,6 @@ def test_same_windows_whatever_the_chunking_duplicates_and_local_reordering(size
     w = Windower(L, hop=hop, reorder_slots=8)
     got = feed(w, shuffled)
     assert starts(got) == starts(reference)
-    for a, b in zip(got, reference):
+    for a, b in zip(got, reference, strict=True):
         np.testing.assert_array_equal(a.values, b.values)
     assert w.stats.gaps == 0
