@@ -191,7 +191,8 @@ class FakeScorer:
         self.device = "cpu"
 
     def score(self, windows: np.ndarray) -> np.ndarray:
-        return np.asarray(windows, dtype=np.float64).reshape(len(windows), -1).mean(axis=1)
+        errors: np.ndarray = np.asarray(windows, dtype=np.float64).reshape(len(windows), -1).mean(axis=1)
+        return errors
 
     def is_anomalous(self, errors: np.ndarray) -> np.ndarray:
         return np.asarray(errors) > self.threshold
