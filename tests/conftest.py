@@ -11,6 +11,24 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_from_local_settings():
+    """A developer's `.env` or exported MONITOR_*/TRAINER_* variables must not change a test: both
+    are hidden for the whole session (session-wide, so session fixtures such as trained_model are
+    covered too). Tests that want a setting pass it explicitly (monkeypatch.setenv, a subprocess's
+    env, `--env-file`). Subprocesses inherit the cleaned environment."""
+    from monitor.daemon.settings import MonitorSettings
+    from trainer.settings import TrainerSettings
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith(("MONITOR_", "TRAINER_")):
+                patch.delenv(name)
+        for settings in (MonitorSettings, TrainerSettings):
+            patch.setitem(settings.model_config, "env_file", None)
+        yield
+
+
 def _data_dir() -> Path | None:
     for candidate in (os.environ.get("ECG5000_DIR"), REPO.parent / "shared" / "data" / "ECG5000"):
         if candidate and Path(candidate, "ECG5000_TRAIN.txt").is_file():
@@ -44,10 +62,19 @@ def topic_prefix() -> str:
 
 
 #: The small model of the `trained_model` fixture: ~35 s on one busy CPU thread, test AUROC ~0.99.
+#: Its threshold is the 97th percentile of the normal validation errors, not the trainer's default
+#: 99th: the same seed gives a slightly different model on other CPUs, and at the 99th percentile
+#: the threshold sat in the middle of the anomalous beats' errors (test recall 0.63 here and on a
+#: second machine; 2 of the Prometheus test's first 3 anomalous beats within 0-9% of it). Measured
+#: here at the 97th (0.384): test recall 0.966, false-positive rate 0.016, AUROC 0.987; the
+#: Prometheus test's 6 anomalous beats score 1.08-1.40x the threshold; in test_demo's streams the
+#: worst normal 3-beat stretch stays below 0.69x (2nd-highest of 3) and the injected runs reach
+#: >= 1.48x. The test's asserts (recall >= 0.8, FPR <= 0.05) hold for any threshold from 0.85x
+#: (recall 0.992, FPR 0.037) to 1.15x (recall 0.827, FPR 0.016) of this one.
 TINY_MODEL = dict(embedding_dim=16, hidden_dim=32, epochs=8, batch_size=16, lr=3e-3, lr_schedule="cosine",
                   forget_bias=3.0, patience=8, seed=42, torch_threads=1,
                   grad_clip=1.0, normalisation="zscore", reduction="mean_abs",
-                  threshold_method="percentile", threshold_percentile=99.0)
+                  threshold_method="percentile", threshold_percentile=97.0)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,10 @@ def test_trained_model_separates_anomalous_beats(trained_model, ecg_dataset):
     with torch_threads(1):  # two threads on a busy 2-core CI box are several times slower
         errors = scorer.score(test.windows)
     assert roc_auc_score(test.anomalous, errors) >= 0.95
-    # Most anomalous beats alert, few normal ones do.
-    assert scorer.is_anomalous(errors[test.anomalous]).mean() >= 0.8
-    assert scorer.is_anomalous(errors[test.normal]).mean() <= 0.05
+    # Most anomalous beats alert, few normal ones do. Measured here: recall 0.966, FPR 0.016, with
+    # room for the threshold to move -15%..+15% (see TINY_MODEL in conftest.py), so a model trained
+    # on other CPU kernels passes too.
+    recall = scorer.is_anomalous(errors[test.anomalous]).mean()
+    false_positives = scorer.is_anomalous(errors[test.normal]).mean()
+    assert recall >= 0.8 and false_positives <= 0.05, (recall, false_positives, scorer.threshold)
     assert np.median(errors[test.anomalous]) > scorer.threshold
