@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
@@ -22,3 +24,14 @@ def test_trained_model_separates_anomalous_beats(trained_model, ecg_dataset):
     false_positives = scorer.is_anomalous(errors[test.normal]).mean()
     assert recall >= 0.8 and false_positives <= 0.05, (recall, false_positives, scorer.threshold)
     assert np.median(errors[test.anomalous]) > scorer.threshold
+
+
+def test_a_developers_local_env_file_and_variables_do_not_reach_the_tests(tmp_path, monkeypatch):
+    from monitor.daemon.settings import MonitorSettings
+    from trainer.settings import TrainerSettings
+
+    assert not [name for name in os.environ if name.startswith(("MONITOR_", "TRAINER_"))]
+    (tmp_path / ".env").write_text("MONITOR_GROUP_ID=from-a-local-env\nTRAINER_EPOCHS=999\n")
+    monkeypatch.chdir(tmp_path)
+    assert MonitorSettings().group_id == MonitorSettings.model_fields["group_id"].default
+    assert TrainerSettings().epochs == TrainerSettings.model_fields["epochs"].default
