@@ -97,7 +97,7 @@ class TunedScorer(Scorer):
                 self.model = torch.ao.quantization.quantize_dynamic(
                     self.model, {nn.LSTM, nn.Linear}, dtype=torch.qint8)
         if compile:
-            self.model = torch.compile(self.model, dynamic=False)
+            self.model = torch.compile(self.model, dynamic=False)  # type: ignore[assignment]
 
     def _forward(self, x: np.ndarray):
         grad = torch.no_grad() if self.no_grad else torch.inference_mode()

@@ -25,7 +25,7 @@ def loss_curves(history: list[dict[str, float]], best_epoch: int, path: Path) ->
 def error_histogram(normal: np.ndarray, anomalous: np.ndarray, threshold: float, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     everything = np.concatenate([normal, anomalous])
-    bins = np.linspace(everything.min(), np.percentile(everything, 99.5), 60)
+    bins = np.linspace(everything.min(), np.percentile(everything, 99.5), 60).tolist()
     ax.hist(normal, bins=bins, alpha=0.6, density=True, label=f"normal (n={len(normal)})")
     if len(anomalous):
         ax.hist(anomalous, bins=bins, alpha=0.6, density=True, label=f"anomalous (n={len(anomalous)})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,11 +19,11 @@ class ModelConfig:
     hidden_dim: int = 64
     num_layers: int = 1  # LSTM layers in each of the four stages
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return cls(**{k: int(data[k]) for k in cls.__dataclass_fields__})
 
 
@@ -46,13 +47,15 @@ class LSTMAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x, _ = self.encoder_in(x)
         _, (h, _) = self.encoder_out(x)
-        return h[-1]  # (batch, embedding_dim)
+        embedding: torch.Tensor = h[-1]  # (batch, embedding_dim)
+        return embedding
 
     def decode(self, embedding: torch.Tensor, length: int) -> torch.Tensor:
         x = embedding.unsqueeze(1).expand(-1, length, -1)
         x, _ = self.decoder_in(x)
         x, _ = self.decoder_out(x)
-        return self.output(x)
+        out: torch.Tensor = self.output(x)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x.shape[1])
