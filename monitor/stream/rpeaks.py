@@ -143,6 +143,11 @@ class OnlineRPeakDetector:
             needed = min(needed, self._pending_beat_low(self._last_peak))
         return max(self._origin, needed)
 
+    def replay_seq(self, peak: int) -> int:
+        """A detector replaying from this seq (start_seq=it) commits `peak` again: the start of the window of
+        the step that owns it. A caller that must re-derive an older beat keeps its samples from here."""
+        return max(self._origin, self._window_start(self._slice_of(peak)))
+
     @property
     def buffered_samples(self) -> int:
         return self._expected_seq - self._buffer_seq
