@@ -90,3 +90,14 @@ def test_beats_look_alike_at_any_sampling_rate(record_100, fs_out: int) -> None:
     n = min(len(native), len(other))
     corr = [np.corrcoef(a, b)[0, 1] for a, b in zip(native.windows[-n:], other.windows[-n:], strict=True)]
     assert np.median(corr) > 0.97
+
+
+def test_ecg5000_has_the_conventions_polarity() -> None:
+    """ECG5000's beats laid end to end: the estimated QRS sign is the convention's (negative)."""
+    path = MITDB_100.parents[1] / "ECG5000" / "ECG5000_TRAIN.txt"
+    if not path.exists():
+        pytest.skip("ECG5000 is not available")
+    data = np.loadtxt(path)
+    normal = data[data[:, 0] == 1, 1:][:40]
+    r_peaks = np.arange(len(normal)) * 140 + round(BeatConvention().pre_r * 140)
+    assert estimate_polarity(normal.ravel(), 140.0, r_peaks) == BeatConvention().qrs_polarity == -1
