@@ -12,7 +12,8 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -21,8 +22,8 @@ from trainer.data import DataError
 from trainer.settings import TrainerSettings
 
 #: Settings that `evaluate` accepts besides --model (the ones that say how to read the data).
-DATA_FIELDS = ("data", "cache_dir", "label_column", "normal_label", "n_features", "verify_digest", "limit",
-               "torch_threads")
+DATA_FIELDS = ("data", "fs", "lead", "cache_dir", "label_column", "normal_label", "n_features", "verify_digest",
+               "limit", "torch_threads")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{fit,evaluate,info}")
     fit = sub.add_parser("fit", help="train, choose the threshold, evaluate on the held-out test set, save",
                          description="Train on normal-train windows, choose the threshold on validation, "
-                                     "evaluate on the test set, write the artefact (and the report).")
+                                     "evaluate on the test set, choose the alert policy for the false-alert "
+                                     "budget on validation streams, write the artefact (and the report). "
+                                     "--data may be ECG5000, a table of windows, or continuous recordings "
+                                     "(a WFDB .hea or a directory of them; a CSV/Parquet/NPY lead with --fs): "
+                                     "these are cut into beats as the monitor does, and the beats annotated "
+                                     "normal (AAMI N in a WFDB .atr; all beats without annotations) are "
+                                     "trained on.")
     for name in TrainerSettings.model_fields:
         _add_setting(fit, name)
     fit.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
@@ -60,12 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="re-evaluate an artefact on data",
                               description="Score data with an artefact (through monitor.core.scoring.Scorer). The "
                                           "data are split with the artefact's own seed and fractions, so "
-                                          "--subset test is the held-out test set of its training run.")
+                                          "--subset test is the held-out test set of its training run. On a "
+                                          "recording (WFDB .hea, or a lead with --fs) every beat is scored in "
+                                          "order: per-class AUROC (normal vs each AAMI class) and share flagged "
+                                          "at the threshold, R-peak sensitivity/PPV against the .atr beats "
+                                          "(150 ms), and the model's calibrated alert policy over the beat "
+                                          "stream (false alerts per hour, runs detected, NAB).")
     evaluate.add_argument("--model", type=Path, required=True, help="model artefact")
     for name in DATA_FIELDS:
         _add_setting(evaluate, name)
     evaluate.add_argument("--subset", choices=("test", "val", "train", "all"), default="test",
-                          help="which windows to score (default: test)")
+                          help="which windows to score (default: test; a recording is scored whole)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=cmd_evaluate)
 
@@ -130,6 +142,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
           f"{training['best_epoch']} of {training['epochs_run']} ({training['stop_reason']}), "
           f"fit {training['fit_seconds']:.1f} s")
     print(_summary(t))
+    print(_policy_summary(report["operating_point"]))
     if settings.report_dir is not None:
         print(f"report: {settings.report_dir}/report.md")
     return 0
@@ -146,6 +159,36 @@ def _summary(m: dict[str, Any]) -> str:
             f"confusion tn={cm['tn']} fp={cm['fp']} fn={cm['fn']} tp={cm['tp']}; share flagged per class: {rates}")
 
 
+def _policy_summary(point: dict[str, Any]) -> str:
+    c, p = point["chosen"], point["policy"]
+    detected = "n/a (no anomalous validation beats)" if c["detection_rate"] is None else f"{c['detection_rate']:.1%}"
+    return (f"alert policy: {p['aggregate']} ({c['param']:g}) over {p['fire_level']:.3f}, resolve under "
+            f"{p['resolve_level']:.3f}: {c['false_alerts_per_hour']:.2f} false alerts per sensor-hour "
+            f"(budget {point['budget_per_hour']:g}{'' if point['budget_met'] else ', NOT met'}), "
+            f"runs detected {detected}")
+
+
+def _recording_summary(r: dict[str, Any]) -> str:
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [f"{r['recording']}: {r['beats']} beats in {r['duration_s'] / 60:.1f} min at {r['fs']:g} Hz "
+             f"({r['unmatched_beats']} matching no reference beat), threshold {r['threshold']:.4f}"]
+    for cls, row in r["per_class"].items():
+        auroc = "" if row["auroc_vs_normal"] is None else f"   AUROC vs N {row['auroc_vs_normal']:.4f}"
+        lines.append(f"  {cls} {row['name']:<26} n={row['n']:<6} flagged {row['rate']:7.2%}{auroc}")
+    if r["rpeaks"]:
+        rp = r["rpeaks"]
+        lines.append(f"  R peaks ({rp['tolerance_ms']} ms): sensitivity {rp['sensitivity']:.4%}, PPV {rp['ppv']:.4%} "
+                     f"({rp['matched']} matched, {rp['missed']} missed, {rp['false']} false of {rp['reference']})")
+    st = r["stream"]
+    lines.append(f"  alert policy ({st['policy']['aggregate']} over {st['policy']['fire_level']:.3f}): "
+                 f"{st['alerts']} alerts, {st['false_alerts']} false = {f(st['false_alerts_per_hour'])} per hour "
+                 f"over {st['normal_hours']:.2f} h outside non-normal stretches; "
+                 f"runs detected {st['detected']}/{st['runs']}")
+    return "\n".join(lines)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.pipeline import evaluate_artefact
 
@@ -153,8 +196,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_artefact(args.model, subset=args.subset, progress=False, **given)
     if args.json:
         print(json.dumps(result, sort_keys=True))
+    elif "recordings" in result:
+        print(f"{args.model} ({result['model_version']})"
+              + (" -- trained on these recordings: their normal beats include training beats"
+                 if result["trained_on_this_data"] else ""))
+        for recording in result["recordings"]:
+            print(_recording_summary(recording))
     else:
-        print(f"{args.model} ({result['model_version']}), subset {result['subset']}, threshold {result['threshold']:.4f}")
+        print(f"{args.model} ({result['model_version']}), subset {result['subset']}, "
+              f"threshold {result['threshold']:.4f}")
         print(_summary(result))
     return 0
 

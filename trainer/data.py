@@ -35,6 +35,8 @@ class Dataset:
     labels: np.ndarray  # (n,) str; all equal to the normal label when the source has none
     source: str
     digest: str
+    #: seconds between consecutive windows when they are streamed as beats (recordings: their median RR)
+    beat_period_s: float = 1.0
 
     @property
     def window_length(self) -> int:

@@ -1,8 +1,11 @@
-"""Evaluation on the held-out test set, through the same `Scorer` the monitor uses."""
+"""Evaluation through the same `Scorer` the monitor uses: the held-out test set, the alert policy's
+operating point on validation streams, and annotated recordings (per AAMI class, R peaks, streams)."""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +14,27 @@ from sklearn.metrics import (average_precision_score, confusion_matrix, precisio
                              roc_auc_score)
 
 from monitor.core.scoring import Scorer
+from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
+from monitor.stream.policy import ScorePolicyConfig
+from trainer import streams
 from trainer.data import ECG5000_CLASSES
+from trainer.recordings import AAMI_NAMES, NORMAL, UNMATCHED, RecordingBeats, rpeak_accuracy
+
+#: Validation streams for the operating point: this many sensor-hours of normal beats, and as many
+#: with injected anomalous runs (3-6 beats, 30 per hour) when validation holds anomalous beats.
+VALIDATION_SENSOR_HOURS = 20
+RUNS_PER_HOUR = 30
 
 
 def error_stats(errors: np.ndarray) -> dict[str, float]:
     errors = np.asarray(errors, dtype=np.float64)
     if len(errors) == 0:
         return {"n": 0}
-    return {"n": int(len(errors)), "mean": float(errors.mean()), "std": float(errors.std(ddof=1)) if len(errors) > 1 else 0.0,
+    return {"n": int(len(errors)), "mean": float(errors.mean()),
+            "std": float(errors.std(ddof=1)) if len(errors) > 1 else 0.0,
             "min": float(errors.min()), "p50": float(np.percentile(errors, 50)),
-            "p95": float(np.percentile(errors, 95)), "p99": float(np.percentile(errors, 99)), "max": float(errors.max())}
+            "p95": float(np.percentile(errors, 95)), "p99": float(np.percentile(errors, 99)),
+            "max": float(errors.max())}
 
 
 def metrics(errors: np.ndarray, labels: np.ndarray, normal_label: str, threshold: float) -> dict[str, Any]:
@@ -35,7 +49,8 @@ def metrics(errors: np.ndarray, labels: np.ndarray, normal_label: str, threshold
     per_class = {}
     for label in sorted(set(labels), key=lambda s: (len(s), s)):
         rows = labels == label
-        per_class[label] = {"name": ECG5000_CLASSES.get(label, label) if normal_label == "1" else label,
+        names = ECG5000_CLASSES if normal_label == "1" else AAMI_NAMES if normal_label == NORMAL else {}
+        per_class[label] = {"name": names.get(label, label),
                             "n": int(rows.sum()), "flagged": int(predicted[rows].sum()),
                             "rate": float(predicted[rows].mean())}
     return {
@@ -52,7 +67,8 @@ def metrics(errors: np.ndarray, labels: np.ndarray, normal_label: str, threshold
     }
 
 
-def evaluate(scorer: Scorer, windows: np.ndarray, labels: np.ndarray, normal_label: str) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate(scorer: Scorer, windows: np.ndarray, labels: np.ndarray, normal_label: str
+             ) -> tuple[dict[str, Any], np.ndarray]:
     """(metrics, errors) of the scorer on labelled windows, at the scorer's threshold."""
     errors = scorer.score(windows)
     return metrics(errors, labels, normal_label, scorer.threshold), errors
@@ -75,22 +91,170 @@ def _fmt(value: Any) -> str:
 def to_markdown(report: dict[str, Any]) -> str:
     m = report["test"]
     cm = m["confusion_matrix"]
+    data = report.get("data", {})
     lines = [f"# Model report: {report.get('model_version', '')}", "",
-             f"Data: `{report.get('data', {}).get('source', '')}` (digest `{report.get('data', {}).get('digest', '')[:16]}`)", "",
+             f"Data: `{data.get('source', '')}` (digest `{data.get('digest', '')[:16]}`)", "",
              "## Test set (normal-test + anomalous)", "", "| metric | value |", "| --- | --- |"]
     for key in ("n", "n_normal", "n_anomalous", "auroc", "average_precision", "precision", "recall", "f1",
                 "false_positive_rate", "threshold"):
         lines.append(f"| {key} | {_fmt(m[key])} |")
     lines += ["", "Confusion matrix (positive = anomalous):", "", "| | predicted normal | predicted anomalous |",
-              "| --- | --- | --- |", f"| normal | {cm['tn']} | {cm['fp']} |", f"| anomalous | {cm['fn']} | {cm['tp']} |",
-              "", "## Share flagged per class", "", "| class | name | n | flagged | rate |", "| --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- |", f"| normal | {cm['tn']} | {cm['fp']} |",
+              f"| anomalous | {cm['fn']} | {cm['tp']} |", "", "## Share flagged per class", "",
+              "| class | name | n | flagged | rate |", "| --- | --- | --- | --- | --- |"]
     for label, row in m["per_class"].items():
         lines.append(f"| {label} | {row['name']} | {row['n']} | {row['flagged']} | {row['rate']:.4f} |")
     training = report.get("training", {})
     if training:
         threshold = dict(report.get("threshold", {}))
         value = threshold.pop("value", m["threshold"])
-        lines += ["", "## Training", "", f"- threshold {value:.4f}: " + ", ".join(f"{k} {v}" for k, v in threshold.items()),
+        lines += ["", "## Training", "",
+                  f"- threshold {value:.4f}: " + ", ".join(f"{k} {v}" for k, v in threshold.items()),
                   f"- best epoch {training.get('best_epoch')} of {training.get('epochs_run')} "
                   f"({training.get('stop_reason')}), fit time {training.get('fit_seconds', 0):.1f} s"]
+    if "operating_point" in report:
+        lines += operating_markdown(report["operating_point"])
     return "\n".join(lines) + "\n"
+
+
+# -- the alert policy's operating point ---------------------------------------------------------------------------
+
+def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, prior: Prior, budget_per_hour: float,
+                    *, beat_period_s: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """The calibrated ScorePolicy for a false-alert budget, chosen on streams of *validation* beats
+    (trainer.streams): their normal beats reshuffled into sensor-hours at one beat per `beat_period_s`, and,
+    when validation holds anomalous beats (val_anomaly_fraction > 0), streams with injected runs of them.
+
+    With anomalous validation beats every aggregate is swept and the most sensitive point within the budget
+    wins (`choose_operating_point`). Without, detection cannot be measured: the default aggregate is kept and
+    its lowest fire level within the budget chosen (for one aggregate a lower level never detects less).
+    When no level meets the budget, the one with the fewest false alerts is kept and `budget_met` is false."""
+    errors, labels = np.asarray(errors, dtype=np.float64), np.asarray(labels).astype(str)
+    warmup = CalibrationConfig().warmup_beats
+    calibrator = Calibrator(prior)
+    minutes = 60.0
+
+    def scored(runs_per_hour: float, stream_seed: int) -> list[streams.Scored]:
+        made = streams.ecg5000_streams(errors, labels, n_streams=VALIDATION_SENSOR_HOURS, minutes=minutes,
+                                       runs_per_hour=runs_per_hour, warmup_beats=warmup,
+                                       beat_period_s=beat_period_s, normal_label=normal_label, seed=stream_seed)
+        return [streams.calibrate(s, calibrator) for s in made]
+
+    normal = scored(0, seed)
+    measured = bool((labels != normal_label).any())
+    if measured:
+        anomalous = scored(RUNS_PER_HOUR, seed + 1)
+        try:
+            config, table = streams.choose_operating_point(normal, anomalous, budget_per_hour, warmup_beats=warmup)
+        except ValueError:
+            config, table = _fewest_false_alerts(normal, anomalous, warmup)
+    else:
+        base = ScorePolicyConfig()
+        table = streams.operating_curve(normal, [], base, streams.default_levels(normal, base), warmup_beats=warmup)
+        within = [r for r in table if r["false_alerts_per_hour"] <= budget_per_hour]
+        best = min(within, key=lambda r: r["fire_level"]) if within else min(
+            table, key=lambda r: (r["false_alerts_per_hour"], -r["fire_level"]))
+        for row in table:
+            row["chosen"] = row is best
+        config = ScorePolicyConfig(fire_level=best["fire_level"], resolve_level=best["resolve_level"])
+    chosen = next(r for r in table if r.get("chosen"))
+    return {"budget_per_hour": budget_per_hour, "budget_met": chosen["false_alerts_per_hour"] <= budget_per_hour,
+            "detection_measured": measured, "policy": asdict(config), "chosen": _json_row(chosen),
+            "curve": [_json_row(r) for r in table],
+            "validation_streams": {"sensor_hours": VALIDATION_SENSOR_HOURS * minutes / 60,
+                                   "with_runs": VALIDATION_SENSOR_HOURS if measured else 0,
+                                   "runs_per_hour": RUNS_PER_HOUR if measured else 0,
+                                   "beat_period_s": beat_period_s, "warmup_beats": warmup,
+                                   "normal_beats": int((labels == normal_label).sum()),
+                                   "anomalous_beats": int((labels != normal_label).sum())}}
+
+
+def _fewest_false_alerts(normal: list[streams.Scored], anomalous: list[streams.Scored], warmup: int
+                         ) -> tuple[ScorePolicyConfig, list[dict[str, Any]]]:
+    table: list[dict[str, Any]] = []
+    for config in streams.candidate_configs():
+        table += streams.operating_curve(normal, anomalous, config, streams.default_levels(normal, config),
+                                         warmup_beats=warmup)
+    best = min(table, key=lambda r: (r["false_alerts_per_hour"], -r["detection_rate"]))
+    for row in table:
+        row["chosen"] = row is best
+    chosen = ScorePolicyConfig(**{**asdict(ScorePolicyConfig()), "aggregate": best["aggregate"],
+                                  "fire_level": best["fire_level"], "resolve_level": best["resolve_level"],
+                                  streams.PARAM[best["aggregate"]]: best["param"]})
+    return chosen, table
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN (no runs to detect) as null, so report.json stays valid JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def operating_markdown(point: dict[str, Any]) -> list[str]:
+    """The curve as a table: per aggregate, its most sensitive level within the budget (or its quietest)."""
+    budget = point["budget_per_hour"]
+    lines = ["", "## Alert policy operating point", "",
+             f"Validation streams only ({point['validation_streams']['sensor_hours']:g} sensor-hours of normal beats"
+             + (f", {point['validation_streams']['with_runs']} with {point['validation_streams']['runs_per_hour']:g} "
+                "injected anomalous runs per hour" if point["detection_measured"] else
+                "; no anomalous validation beats, so detection is not measured: set val_anomaly_fraction")
+             + f"); budget {budget:g} false alerts per sensor-hour"
+             + ("" if point["budget_met"] else " (NOT met: the quietest point is kept)") + ".", "",
+             "| aggregate | param | fire level | false alerts / h | runs detected | mean delay (beats) "
+             "| mean delay (s) | |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for row in point["curve"]:
+        groups.setdefault((row["aggregate"], row["param"]), []).append(row)
+    for rows in groups.values():
+        within = [r for r in rows if r["false_alerts_per_hour"] <= budget]
+        shown = [r for r in rows if r.get("chosen")] or (
+            [min(within, key=lambda r: r["fire_level"])] if within else
+            [min(rows, key=lambda r: r["false_alerts_per_hour"])])
+        for r in shown:
+            lines.append(f"| {r['aggregate']} | {r['param']:g} | {r['fire_level']:.3f} | "
+                         f"{r['false_alerts_per_hour']:.2f} | {_pct(r['detection_rate'])} | "
+                         f"{_fmt(r['mean_delay_beats'])} | {_fmt(r['mean_delay_s'])} | "
+                         f"{'**chosen**' if r.get('chosen') else ''} |")
+    lines += ["", "All levels: report.json `operating_point.curve`; plot: operating_curve.png."]
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+# -- annotated recordings ------------------------------------------------------------------------------------------
+
+def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
+                       policy: ScorePolicyConfig | None = None) -> dict[str, Any]:
+    """One recording, scored beat by beat in order as the daemon would: per AAMI class (normal vs each class
+    present) AUROC and share flagged at the model threshold; R-peak sensitivity / PPV against the reference
+    beats; and the calibrated ScorePolicy over the beat stream (trainer.streams: false alerts per hour outside
+    stretches with non-normal beats, event detection, NAB). Beats matching no reference beat are left out of
+    the per-class figures and count as non-normal in the stream (an alert there is not called false)."""
+    rec = cut.recording
+    errors = scorer.score(cut.beats.windows[:, :, None])
+    labels = cut.labels.astype(str)
+    flagged = errors > scorer.threshold
+    normal = labels == NORMAL
+    per_class: dict[str, Any] = {}
+    for cls in sorted(set(labels) - {UNMATCHED}, key=lambda c: "NSVFQ".find(c)):
+        rows = labels == cls
+        auroc = None
+        if cls != NORMAL and normal.any():
+            pair = normal | rows
+            auroc = float(roc_auc_score(rows[pair], errors[pair]))
+        per_class[cls] = {"name": AAMI_NAMES.get(cls, cls), "n": int(rows.sum()), "flagged": int(flagged[rows].sum()),
+                          "rate": float(flagged[rows].mean()), "auroc_vs_normal": auroc}
+    stream = streams.annotated_stream(rec.name, errors, cut.beats.r_peak / rec.fs, labels.tolist())
+    warmup = CalibrationConfig().warmup_beats
+    scored, alerts = streams.run_policy([stream], prior, policy=policy or ScorePolicyConfig())
+    stream_metrics = streams.evaluate(scored, alerts, warmup_beats=warmup)
+    return {"recording": rec.name, "fs": rec.fs, "duration_s": rec.duration_s, "beats": int(len(labels)),
+            "unmatched_beats": int((labels == UNMATCHED).sum()), "polarity": int(cut.polarity),
+            "threshold": float(scorer.threshold), "per_class": per_class,
+            "rpeaks": rpeak_accuracy(cut) if rec.annotations is not None else None,
+            "heart_rate_bpm": {"median": float(60 / np.median(cut.beats.rr_s))} if len(cut.beats) else None,
+            "stream": {"policy": asdict(policy or ScorePolicyConfig()), "warmup_beats": warmup,
+                       "alerts": int(len(alerts[0])), **_json_row(stream_metrics)},
+            "errors": {"normal": error_stats(errors[normal]), "other": error_stats(errors[~normal])}}

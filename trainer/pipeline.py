@@ -25,9 +25,13 @@ from monitor.core import normalise
 from monitor.core.artefact import Artefact, weights_digest
 from monitor.core.model import ModelConfig
 from monitor.core.scoring import Scorer
+from monitor.stream.beats import BeatConvention
+from monitor.stream.calibration import Prior
+from monitor.stream.policy import ScorePolicyConfig
 from trainer import data as data_mod
-from trainer import plots
-from trainer.evaluate import error_stats, evaluate, write_report
+from trainer import plots, recordings, streams
+from trainer.evaluate import (error_stats, evaluate, evaluate_recording, operating_point,
+                              write_report)
 from trainer.fit import FitResult, deterministic, torch_threads, train_autoencoder
 from trainer.settings import TrainerSettings
 from trainer.split import SplitData, split
@@ -43,23 +47,51 @@ class FitOutcome:
     data: SplitData
 
 
+#: How beats are cut from continuous recordings (the ECG5000 convention, docs/beats.md).
+CONVENTION = BeatConvention()
+
+
 def make_settings(settings: TrainerSettings | None = None, **overrides: Any) -> TrainerSettings:
-    """Settings from the environment, a given object, and keyword overrides (highest priority)."""
-    if settings is None:
-        return TrainerSettings(**overrides)
-    return TrainerSettings(**{**settings.model_dump(), **overrides}) if overrides else settings
+    """Settings from the environment, a given object, and keyword overrides (highest priority).
+    Beats of a recording are labelled with AAMI classes, so their normal label is always "N"."""
+    s = TrainerSettings(**overrides) if settings is None else (
+        TrainerSettings(**{**settings.model_dump(), **overrides}) if overrides else settings)
+    if is_recording(s) and s.normal_label != recordings.NORMAL:
+        s = TrainerSettings(**{**s.model_dump(), "normal_label": recordings.NORMAL})
+    return s
+
+
+def is_recording(s: TrainerSettings) -> bool:
+    """Continuous recordings (cut into beats) rather than windows."""
+    return recordings.is_recording(s.data, s.fs)
+
+
+def windowing(s: TrainerSettings) -> dict[str, Any]:
+    """The artefact's windowing convention, which the daemon reads: beats for recordings, else fixed windows."""
+    return CONVENTION.to_dict() if is_recording(s) else {"kind": "fixed"}
+
+
+def load_recordings(s: TrainerSettings) -> list[recordings.RecordingBeats]:
+    return [recordings.cut(r, CONVENTION) for r in recordings.read(Path(str(s.data)), fs=s.fs, lead=s.lead)]
+
+
+def load_dataset(s: TrainerSettings) -> data_mod.Dataset:
+    """Windows from ECG5000 / a table, or the beats of recordings (detected and cut as the daemon does)."""
+    if is_recording(s):
+        return recordings.to_dataset(load_recordings(s), CONVENTION)
+    return data_mod.load(s.data, cache_dir=s.cache_dir, label_column=s.label_column,
+                         n_features=s.n_features, normal_label=s.normal_label, verify_digest=s.verify_digest)
 
 
 def load_split(settings: TrainerSettings | None = None, **overrides: Any) -> SplitData:
     """Load the configured data (validated), optionally subsample, and split by the protocol."""
     s = make_settings(settings, **overrides)
-    dataset = data_mod.load(s.data, cache_dir=s.cache_dir, label_column=s.label_column,
-                            n_features=s.n_features, normal_label=s.normal_label, verify_digest=s.verify_digest)
+    dataset = load_dataset(s)
     if s.limit is not None and s.limit < len(dataset.labels):
         rows = np.sort(np.random.default_rng(s.seed).choice(len(dataset.labels), s.limit, replace=False))
         dataset = data_mod.Dataset(dataset.windows[rows], dataset.labels[rows],
                                    f"{dataset.source} (random {s.limit} of {len(dataset.labels)}, seed {s.seed})",
-                                   dataset.digest)
+                                   dataset.digest, dataset.beat_period_s)
     try:
         return split(dataset, s.normal_label, s.seed, s.val_fraction, s.test_fraction, s.val_anomaly_fraction)
     except ValueError as exc:
@@ -98,11 +130,19 @@ def _fit_model(s: TrainerSettings, dataset: SplitData | None) -> FitOutcome:
         val_errors, s.threshold_method, percentile=s.threshold_percentile, k=s.threshold_k,
         value=s.threshold_value, anomalous=labelled)
     test_metrics, test_errors = evaluate(scorer, test.windows, test.labels, s.normal_label)
+    validation_errors = error_stats(val_errors[val.normal])
+    point = operating_point(val_errors, val.labels, s.normal_label,
+                            Prior.from_stats(validation_errors, artefact.threshold), s.false_alert_budget,
+                            beat_period_s=split_data.dataset.beat_period_s, seed=s.seed)
 
     report: dict[str, Any] = {
         "model_version": artefact.model_version,
         "threshold": {"value": artefact.threshold, **artefact.threshold_method},
-        "validation_errors": error_stats(val_errors[val.normal]),
+        "validation_errors": validation_errors,
+        "windowing": windowing(s),
+        # the daemon's alert policy for this model (ScorePolicyConfig fields), chosen on validation streams
+        "policy": point["policy"],
+        "operating_point": point,
         "data": data_info(split_data, s),
         "test": test_metrics,
         "training": training_info(fit, s),
@@ -111,8 +151,10 @@ def _fit_model(s: TrainerSettings, dataset: SplitData | None) -> FitOutcome:
     }
     report["training"]["total_seconds"] = round(time.perf_counter() - started, 2)
     # A JSON round trip leaves only plain types, which torch.load(weights_only=True) accepts.
-    artefact.metadata = json.loads(json.dumps({k: v for k, v in report.items()
-                                               if k not in ("model_version", "threshold")}, default=str))
+    # The whole curve stays in the report: the artefact keeps the chosen point.
+    meta = {k: v for k, v in report.items() if k not in ("model_version", "threshold")}
+    meta["operating_point"] = {k: v for k, v in point.items() if k != "curve"}
+    artefact.metadata = json.loads(json.dumps(meta, default=str))
     path = artefact.save(s.out)
     if s.report_dir is not None:
         write_full_report(report, s.report_dir, scorer, split_data, test_errors, fit)
@@ -164,6 +206,10 @@ def write_full_report(report: dict[str, Any], directory: Path, scorer: Scorer, s
     written.append(plots.error_histogram(test_errors[test.normal], test_errors[test.anomalous],
                                          scorer.threshold, directory / "error_histogram.png"))
     written.append(reconstruction_plot(scorer, test, test_errors, directory / "reconstructions.png"))
+    point = report["operating_point"]
+    curve = [{**r, "detection_rate": np.nan if r["detection_rate"] is None else r["detection_rate"]}
+             for r in point["curve"]]  # no anomalous validation beats: no detection line, the x axis remains
+    written.append(streams.plot_operating_curve(curve, directory / "operating_curve.png", point["budget_per_hour"]))
     return written
 
 
@@ -188,6 +234,8 @@ def evaluate_artefact(model: Path, settings: TrainerSettings | None = None, subs
     if "normal_label" not in overrides and "normal_label" in artefact.metadata.get("data", {}):
         overrides["normal_label"] = artefact.metadata["data"]["normal_label"]
     s = make_settings(settings, **overrides)
+    if is_recording(s):
+        return evaluate_recordings(artefact, s)
     split_data = load_split(s)
     part = {"test": split_data.test, "val": split_data.val, "train": split_data.train}.get(subset)
     if subset == "all":
@@ -200,3 +248,27 @@ def evaluate_artefact(model: Path, settings: TrainerSettings | None = None, subs
         result, _ = evaluate(Scorer(artefact, device="cpu"), windows, labels, s.normal_label)
     return {"model_version": artefact.model_version, "subset": subset, "data_digest": split_data.dataset.digest,
             **result}
+
+
+def evaluate_recordings(artefact: Artefact, s: TrainerSettings) -> dict[str, Any]:
+    """Each recording scored beat by beat, in order (`trainer.evaluate.evaluate_recording`), with the
+    artefact's own alert policy and its calibration prior (its validation error stats)."""
+    stats = artefact.metadata.get("validation_errors")
+    if not stats:
+        raise ValueError("the model has no validation error stats (metadata validation_errors) to calibrate with")
+    prior = Prior.from_stats(stats, artefact.threshold)
+    policy = ScorePolicyConfig(**artefact.metadata["policy"]) if "policy" in artefact.metadata else None
+    convention = artefact.metadata.get("windowing", {"kind": "fixed"})
+    if convention.get("kind") != "beats":
+        raise ValueError(f"this model scores fixed windows (windowing {convention}), not beats of a recording: "
+                         "train it on recordings, or evaluate it on windows")
+    if BeatConvention.from_dict(convention) != CONVENTION:
+        raise ValueError(f"the model's beat convention {convention} is not this trainer's {CONVENTION.to_dict()}")
+    cuts = load_recordings(s)
+    digest = recordings.to_dataset(cuts, CONVENTION).digest
+    with torch_threads(s.torch_threads):
+        scorer = Scorer(artefact, device="cpu")
+        results = [evaluate_recording(scorer, c, prior, policy) for c in cuts]
+    return {"model_version": artefact.model_version, "subset": "recording", "threshold": artefact.threshold,
+            "data_digest": digest, "trained_on_this_data": artefact.metadata.get("data", {}).get("digest") == digest,
+            "recordings": results}

@@ -22,13 +22,20 @@ class TrainerSettings(BaseSettings):
                                       extra="ignore", frozen=True)
 
     # Data
-    data: Path | None = Field(None, description="ECG5000 directory (.txt/.tsv/.arff) or a CSV/Parquet file "
-                                                "of windows; empty = download ECG5000 into cache_dir")
+    data: Path | None = Field(None, description="ECG5000 directory (.txt/.tsv/.arff), a CSV/Parquet file "
+                                                "of windows, a WFDB record (.hea) or a directory of them, or a "
+                                                "one-lead CSV/Parquet/NPY signal with fs; empty = download ECG5000 "
+                                                "into cache_dir")
+    fs: float | None = Field(None, gt=0, description="Sampling rate (Hz) of a CSV/Parquet/NPY signal: the file is "
+                                                     "then one continuous lead, cut into beats")
+    lead: str | None = Field(None, description="Lead (WFDB signal name, or table column) of a multi-lead "
+                                               "recording; empty = the first (WFDB) or the only column")
     cache_dir: Path = Field(default_cache_dir(), description="Where the ECG5000 download is kept")
     label_column: str = Field("label", description="CSV/Parquet: name of the optional label column")
     normal_label: str = Field("1", description="The label of normal windows (ECG5000: class 1)")
     n_features: int = Field(1, ge=1, description="CSV/Parquet: channels per window (columns are channel-major)")
-    verify_digest: bool = Field(True, description="Refuse an ECG5000 copy whose parsed values differ from the reference")
+    verify_digest: bool = Field(True, description="Refuse an ECG5000 copy whose parsed values differ from the "
+                                                  "reference")
     limit: int | None = Field(None, ge=10, description="Use a random subset of this many windows (quick runs)")
 
     # Split (the evaluation protocol in DESIGN.md)
@@ -66,13 +73,17 @@ class TrainerSettings(BaseSettings):
     threshold_k: float = Field(3.0, gt=0, description="mean_std: threshold = mean + k * std")
     threshold_value: float | None = Field(None, gt=0, description="fixed: the threshold")
 
+    # Alert policy (the operating point written to the report and the artefact)
+    false_alert_budget: float = Field(1.0, gt=0, description="False alerts per sensor-hour allowed on validation "
+                                                             "streams; the most sensitive policy within it is chosen")
+
     # Outputs
     out: Path = Field(Path("models/ecg-lstm-ae.pt"), description="Model artefact to write")
     report_dir: Path | None = Field(None, description="report.json, report.md and PNG plots; empty = none")
     progress: bool = Field(True, description="Show a tqdm progress bar")
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainerSettings":
+    def _check(self) -> TrainerSettings:
         if self.threshold_method == "fixed" and self.threshold_value is None:
             raise ValueError("threshold_method=fixed needs threshold_value (TRAINER_THRESHOLD_VALUE)")
         if self.threshold_method == "f1" and self.val_anomaly_fraction <= 0:

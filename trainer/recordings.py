@@ -1,0 +1,240 @@
+"""Continuous ECG recordings for the trainer: WFDB records and single-lead CSV / Parquet / NPY signals.
+
+A recording goes through exactly what the daemon does to a sensor's stream: R peaks from the daemon's own
+online detector (`OnlineRPeakDetector`, fed the whole signal at once: it commits the same peaks whatever
+the chunking), one QRS polarity per recording (`estimate_polarity` on its first beats), and beats cut by the
+shared segmenter (`monitor.stream.beats.segment`) in the artefact's convention. So a model trained here sees
+the beats the daemon will score.
+
+With WFDB reference annotations (`.atr`), each detected beat takes the AAMI class (N, S, V, F, Q) of the
+reference beat within 150 ms of its R peak; detections that match no reference beat are UNMATCHED. Without
+annotations every beat is labelled normal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import wfdb
+from wfdb.processing import compare_annotations
+
+from monitor.stream.beats import BeatConvention, Beats, Polarity, estimate_polarity, segment
+from monitor.stream.rpeaks import OnlineRPeakDetector
+from trainer.data import DataError, Dataset, digest
+from trainer.streams import AAMI  # MIT-BIH beat symbol -> AAMI class; other symbols are not beats
+
+AAMI_NAMES = {"N": "normal", "S": "supraventricular ectopic", "V": "ventricular ectopic", "F": "fusion",
+              "Q": "paced / unclassifiable"}
+NORMAL = "N"
+#: Label of a detected beat that matches no reference beat (a false detection, or an unannotated beat).
+UNMATCHED = "-"
+#: A detection matches a reference beat within this distance (the usual R-peak scoring tolerance).
+TOLERANCE_S = 0.15
+SIGNAL_SUFFIXES = (".csv", ".parquet", ".pq", ".npy")
+#: Table columns that hold time or indices, never the signal.
+INDEX_COLUMNS = {"time", "t", "timestamp", "ts", "seq", "index", "sample", "label"}
+
+
+@dataclass(frozen=True)
+class Annotations:
+    """Reference beats: R-peak sample indices and their AAMI classes."""
+
+    samples: np.ndarray  # (n,) int64, increasing
+    classes: np.ndarray  # (n,) str
+
+
+@dataclass(frozen=True)
+class Recording:
+    name: str
+    signal: np.ndarray  # (n,) float64, one lead
+    fs: float
+    lead: str
+    annotations: Annotations | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.signal) / self.fs
+
+
+@dataclass(frozen=True)
+class RecordingBeats:
+    """A recording cut into beats, with every R peak the detector committed."""
+
+    recording: Recording
+    beats: Beats
+    labels: np.ndarray  # (n_beats,) AAMI class of each beat, UNMATCHED, or NORMAL without annotations
+    r_peaks: np.ndarray  # all committed R peaks (a beat needs two, and its margin inside the signal)
+    polarity: Polarity
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+
+def is_recording(path: Path | None, fs: float | None = None) -> bool:
+    """A WFDB record (`.hea`, or a directory of them), or a signal file read as one lead with `fs`
+    (CSV/Parquet without `fs` stay tables of windows, trainer.data's format)."""
+    if path is None:
+        return False
+    path = Path(path)
+    if path.suffix.lower() == ".hea" or (path.is_dir() and any(path.glob("*.hea"))):
+        return True
+    return fs is not None and path.suffix.lower() in SIGNAL_SUFFIXES
+
+
+def read(path: Path, *, fs: float | None = None, lead: str | None = None) -> list[Recording]:
+    """Every recording at `path`: one `.hea` record, each record of a directory (sorted), or a signal file."""
+    path = Path(path)
+    if path.is_dir():
+        headers = sorted(path.glob("*.hea"))
+        if not headers:
+            raise DataError(f"{path}: no WFDB records (.hea) in this directory")
+        return [read_wfdb(h, lead) for h in headers]
+    if not path.is_file():
+        raise DataError(f"{path}: no such file or directory")
+    if path.suffix.lower() == ".hea":
+        return [read_wfdb(path, lead)]
+    if path.suffix.lower() in SIGNAL_SUFFIXES:
+        if fs is None:
+            raise DataError(f"{path}: a signal file needs its sampling rate: --fs (TRAINER_FS)")
+        return [read_signal(path, fs, lead)]
+    raise DataError(f"{path}: not a recording (expected .hea, a directory of WFDB records, .csv, .parquet or .npy)")
+
+
+def read_wfdb(header: Path, lead: str | None = None) -> Recording:
+    """One lead of a WFDB record (default: the first) and its `.atr` reference beats when present."""
+    base = str(Path(header).with_suffix(""))
+    try:
+        record = wfdb.rdrecord(base)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{header}: cannot read the WFDB record ({exc})") from None
+    names = list(record.sig_name or [])
+    if lead is not None and lead not in names:
+        raise DataError(f"{header}: no lead {lead!r} (leads: {', '.join(names)})")
+    channel = names.index(lead) if lead is not None else 0
+    signal = np.asarray(record.p_signal[:, channel], dtype=np.float64)
+    _check_signal(Path(header), signal)
+    annotations = None
+    if Path(base + ".atr").is_file():
+        annotations = aami_annotations(wfdb.rdann(base, "atr"))
+    return Recording(f"{Path(base).name}:{names[channel]}", signal, float(record.fs), names[channel], annotations)
+
+
+def aami_annotations(ann: wfdb.Annotation) -> Annotations:
+    """The beat annotations of a WFDB annotation set, as AAMI classes (non-beat symbols dropped)."""
+    symbols = np.asarray(ann.symbol, dtype=object)
+    samples = np.asarray(ann.sample, dtype=np.int64)
+    is_beat = np.asarray([s in AAMI for s in symbols], dtype=bool)
+    classes = np.asarray([AAMI[s] for s in symbols[is_beat]], dtype=object)
+    return Annotations(samples[is_beat], classes)
+
+
+def read_signal(path: Path, fs: float, lead: str | None = None) -> Recording:
+    """One lead from a CSV/Parquet column (`lead`, or the only numeric non-index column) or a 1-D .npy
+    (a 2-D one: samples along axis 0, `lead` a column number)."""
+    if not fs > 0:
+        raise DataError(f"{path}: fs must be > 0, got {fs}")
+    if path.suffix.lower() == ".npy":
+        array = np.load(path, allow_pickle=False)
+        if array.ndim == 2 and lead is not None and lead.isdigit() and int(lead) < array.shape[1]:
+            array, name = array[:, int(lead)], lead
+        elif array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1):
+            array, name = array.reshape(-1), "0"
+        else:
+            raise DataError(f"{path}: shape {array.shape}: a single lead needs a 1-D array (or --lead COLUMN)")
+        signal = np.asarray(array, dtype=np.float64)
+    else:
+        frame = pd.read_parquet(path) if path.suffix.lower() != ".csv" else pd.read_csv(path)
+        numeric = [c for c in frame.select_dtypes("number").columns if str(c).strip().lower() not in INDEX_COLUMNS]
+        if lead is not None:
+            if lead not in frame.columns:
+                raise DataError(f"{path}: no column {lead!r} (columns: {', '.join(map(str, frame.columns))})")
+            name = lead
+        elif len(numeric) == 1:
+            name = str(numeric[0])
+        else:
+            raise DataError(f"{path}: {len(numeric)} signal columns ({', '.join(map(str, numeric))}): "
+                            "choose one with --lead NAME")
+        signal = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
+    _check_signal(path, signal)
+    return Recording(f"{path.stem}:{name}", signal, float(fs), name)
+
+
+def _check_signal(path: Path, signal: np.ndarray) -> None:
+    if len(signal) == 0:
+        raise DataError(f"{path}: empty signal")
+    bad = ~np.isfinite(signal)
+    if bad.any():
+        raise DataError(f"{path}: {int(bad.sum())} NaN/inf sample(s), first at sample {int(np.argmax(bad))}")
+
+
+# -- beats -------------------------------------------------------------------------------------------------
+
+def detect_r_peaks(signal: np.ndarray, fs: float, convention: BeatConvention) -> np.ndarray:
+    """The R peaks the daemon's detector commits on this signal (streamed from seq 0 in one record)."""
+    detector = OnlineRPeakDetector(fs, convention)
+    spans = detector.push(0, signal)
+    # every committed peak opens or closes a beat, except one between two dropped (over-long) beats
+    peaks = {s.r_peak for s in spans} | {s.next_r_peak for s in spans}
+    return np.asarray(sorted(peaks), dtype=np.int64)
+
+
+def cut(recording: Recording, convention: BeatConvention) -> RecordingBeats:
+    """Detect, estimate the polarity, segment, label."""
+    peaks = detect_r_peaks(recording.signal, recording.fs, convention)
+    if len(peaks) < 2:
+        raise DataError(f"{recording.name}: fewer than two R peaks detected in {recording.duration_s:.0f} s")
+    polarity = estimate_polarity(recording.signal, recording.fs, peaks)
+    beats = segment(recording.signal, recording.fs, peaks, convention, polarity=polarity)
+    return RecordingBeats(recording, beats, label_beats(beats.r_peak, recording.annotations, recording.fs),
+                          peaks, polarity)
+
+
+def label_beats(r_peaks: np.ndarray, annotations: Annotations | None, fs: float) -> np.ndarray:
+    """The class of the nearest reference beat within TOLERANCE_S of each R peak, else UNMATCHED;
+    all NORMAL without annotations."""
+    if annotations is None:
+        return np.full(len(r_peaks), NORMAL, dtype=object)
+    ref = annotations.samples
+    if len(ref) == 0:
+        return np.full(len(r_peaks), UNMATCHED, dtype=object)
+    right = np.clip(np.searchsorted(ref, r_peaks), 1, len(ref) - 1) if len(ref) > 1 else np.zeros(len(r_peaks), int)
+    left = np.maximum(right - 1, 0)
+    nearest = np.where(np.abs(ref[left] - r_peaks) <= np.abs(ref[right] - r_peaks), left, right)
+    close = np.abs(ref[nearest] - r_peaks) <= TOLERANCE_S * fs
+    return np.where(close, annotations.classes[nearest], UNMATCHED).astype(object)
+
+
+def rpeak_accuracy(cut_beats: RecordingBeats) -> dict[str, float | int]:
+    """Sensitivity and positive predictivity of the committed R peaks against the reference beats
+    (one-to-one matches within TOLERANCE_S). The detector commits a peak only once the samples a guard
+    after it are in, so reference beats in the recording's last `guard_s` seconds are not counted."""
+    rec = cut_beats.recording
+    if rec.annotations is None:
+        raise DataError(f"{rec.name}: no reference annotations (.atr) to score R peaks against")
+    horizon = len(rec.signal) - OnlineRPeakDetector(rec.fs, BeatConvention()).config.guard_s * rec.fs
+    ref = rec.annotations.samples[rec.annotations.samples < horizon]
+    test = cut_beats.r_peaks[cut_beats.r_peaks < horizon]
+    result = compare_annotations(ref, test, int(round(TOLERANCE_S * rec.fs)))
+    return {"reference": int(len(ref)), "detected": int(len(test)), "matched": int(result.tp),
+            "missed": int(result.fn), "false": int(result.fp), "sensitivity": float(result.sensitivity),
+            "ppv": float(result.positive_predictivity), "tolerance_ms": round(TOLERANCE_S * 1000)}
+
+
+def to_dataset(cuts: list[RecordingBeats], convention: BeatConvention) -> Dataset:
+    """Beat windows (n, length, 1) and labels: AAMI classes where annotated (UNMATCHED beats dropped: they
+    are no reference beat), all normal otherwise. The digest covers the windows, labels and convention."""
+    windows, labels = [], []
+    for c in cuts:
+        keep = c.labels != UNMATCHED
+        windows.append(c.beats.windows[keep])
+        labels.append(c.labels[keep])
+    x = np.concatenate(windows).astype(np.float64)[:, :, None] if windows else np.empty((0, convention.length, 1))
+    y = np.concatenate(labels).astype(object) if labels else np.empty(0, dtype=object)
+    if len(x) == 0:
+        raise DataError("no beats cut from the recordings")
+    source = ", ".join(f"{c.recording.name} ({c.recording.fs:g} Hz, {c.recording.duration_s / 60:.1f} min)"
+                       for c in cuts)
+    rr = np.concatenate([c.beats.rr_s for c in cuts])
+    return Dataset(x, y, f"beats of {source}", digest(x, y), float(np.median(rr)))
