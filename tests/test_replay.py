@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
+import wfdb
 from kafka import KafkaConsumer
 
 from monitor.cli import main as cli_main
-from monitor.tools.replay import (BEAT_LENGTH, NORMAL_CLASS, build_ecg_streams, load_beat_pool, load_signal_streams,
-                            replay, resolve_rate)
+from monitor.tools.replay import (BEAT_LENGTH, NORMAL_CLASS, build_ecg_streams, load_beat_pool, load_record_streams,
+                                  load_signal_streams, replay, resolve_rate)
 from monitor.stream.wire import InputRecord, decode_input
 
 
@@ -175,3 +177,45 @@ def test_cli_replays_and_prints_a_summary(broker, ecg_data_dir, topic_prefix, tm
     assert sum(s["anomalous"] for s in ground_truth) == 2
     records = [decode_input(m.key, m.value) for m in consume(broker.bootstrap, topic, 96)]
     assert {r.sensor_id for r in records} == {s["sensor_id"] for s in ground_truth}
+
+
+RECORD_100 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mitdb-100" / "100.hea"
+
+
+@pytest.mark.skipif(not RECORD_100.is_file(), reason="MIT-BIH record 100 not available")
+def test_a_wfdb_record_streams_at_its_own_rate_with_each_sensor_starting_elsewhere():
+    streams = load_record_streams(RECORD_100, sensors=4, lead="V5")
+    signal = wfdb.rdrecord(str(RECORD_100.with_suffix("")), channel_names=["V5"]).p_signal[:, 0]
+    n = len(signal)
+    assert all(s.fs == 360.0 and len(s) == n for s in streams)
+    for i, stream in enumerate(streams):
+        start = i * (n // 4)
+        assert np.array_equal(stream.values[: n - start], signal[start:])  # then it wraps round to the start
+    # record 100's one ventricular beat (sample 546792) and its 33 atrial premature beats are the ground truth
+    assert any(lo <= 546792 < hi for lo, hi in streams[0].anomalous_ranges)
+    assert len(streams[0].anomalous_ranges) == 34  # 34 non-normal beats, none adjacent
+    with pytest.raises(ValueError, match=r"RECORD\.hea"):
+        load_record_streams(RECORD_100.with_suffix(".dat"))
+
+
+@pytest.mark.kafka
+@pytest.mark.skipif(not RECORD_100.is_file(), reason="MIT-BIH record 100 not available")
+def test_cli_replays_a_wfdb_record_with_records_of_the_requested_duration(broker, topic_prefix, capsys):
+    topic = f"{topic_prefix}.record"
+    before = time.time()
+    code = cli_main(["replay", "--bootstrap-servers", broker.bootstrap, "--topic", topic, "--source", str(RECORD_100),
+                     "--sensors", "3", "--offset-s", "60", "--record-ms", "100", "--rate", "3600",
+                     "--duration", "0.5", "--no-progress"])
+    assert code == 0
+    sent = int(capsys.readouterr().out.split("sent ")[1].split(" records")[0].replace(",", ""))
+    records = [decode_input(m.key, m.value) for m in consume(broker.bootstrap, topic, sent)]
+    assert len(records) == sent >= 3 * 10
+    signal = wfdb.rdrecord(str(RECORD_100.with_suffix("")), channels=[0]).p_signal[:, 0]
+    grouped = by_sensor(records)
+    assert sorted(grouped) == ["patient-0000", "patient-0001", "patient-0002"]
+    for i, mine in enumerate(grouped.values()):
+        assert [r.seq for r in mine] == list(range(0, 36 * len(mine), 36))  # 100 ms at 360 Hz
+        assert all(r.fs == 360.0 and len(r.values) == 36 and before <= r.ts <= time.time() for r in mine)
+        values = np.concatenate([r.values for r in mine])
+        start = i * 60 * 360  # sensor i starts i minutes into the record
+        assert np.allclose(values, signal[start:start + len(values)])

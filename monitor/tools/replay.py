@@ -1,11 +1,14 @@
 """The replayer: sensor streams to Kafka in the input wire format (`python -m monitor replay`).
 
-Two sources:
+Three sources:
 - ECG5000 beats (140 samples each, fs 140 Hz nominal), concatenated per sensor. A share of the
   sensors gets runs of consecutive anomalous beats; the others get only normal beats. Every
   stream starts at seq 0, so the monitor's windows [k*140, (k+1)*140) line up with beats.
 - A CSV, Parquet or NumPy file holding a continuous signal (one sensor per numeric column,
   round-robin when there are more sensors than columns).
+- A WFDB record (`RECORD.hea`), one lead, streamed at its own sampling rate: each sensor starts at a
+  different point of the record (evenly spaced, wrapping round to its start), so many sensors replay
+  one recording without being in phase.
 
 The demo, the benchmark and the tests use the programmatic API: `build_ecg_streams`,
 `load_signal_streams` and `replay`.
@@ -33,6 +36,7 @@ from tqdm import tqdm
 
 from monitor.daemon.settings import MonitorSettings
 from monitor.stream.wire import encode_input
+from trainer import recordings
 from trainer.data import DataError, default_cache_dir, download_ecg5000, load
 from trainer.split import split
 
@@ -253,6 +257,50 @@ def _read_channels(path: Path) -> list[np.ndarray]:
     return columns
 
 
+# ---------------------------------------------------------------- WFDB records
+
+def load_record_streams(path: str | os.PathLike, sensors: int = 1, lead: str | None = None,
+                        prefix: str = "patient-", offset_s: float | None = None) -> list[SensorStream]:
+    """One stream per sensor from a WFDB record's lead (default: the first), at the record's fs, seq from 0.
+
+    Sensor i starts `i * offset_s` seconds into the record (default: the record's length / sensors) and wraps
+    round to its start, so every sensor plays the whole record once. Ground truth: the seq ranges of runs of
+    non-normal reference beats (AAMI classes from the `.atr`), from 100 ms before a run's first R peak to the
+    next normal R peak, when the record has annotations."""
+    if Path(path).suffix.lower() != ".hea":
+        raise ValueError(f"{path}: a WFDB record is given by its header file (RECORD.hea)")
+    (record,) = recordings.read(Path(path), lead=lead)
+    n = len(record.signal)
+    step = n // sensors if offset_s is None else int(round(offset_s * record.fs))
+    streams = []
+    for i, sensor_id in enumerate(sensor_ids(sensors, prefix)):
+        start = (i * step) % n
+        streams.append(SensorStream(sensor_id=sensor_id, values=np.roll(record.signal, -start), fs=record.fs,
+                                    anomalous_ranges=_annotated_runs(record, start)))
+    return streams
+
+
+def _annotated_runs(record: recordings.Recording, start: int) -> tuple[tuple[int, int], ...]:
+    """Seq ranges of runs of non-normal reference beats in a stream that starts at sample `start`."""
+    if record.annotations is None:
+        return ()
+    n = len(record.signal)
+    samples = (record.annotations.samples - start) % n
+    order = np.argsort(samples)
+    samples, abnormal = samples[order], record.annotations.classes[order] != recordings.NORMAL
+    ranges = []
+    lead_in = int(round(0.1 * record.fs))
+    for first, end in zip(*_edges(abnormal), strict=True):
+        ranges.append((max(0, int(samples[first]) - lead_in), int(samples[end]) if end < len(samples) else n))
+    return tuple(ranges)
+
+
+def _edges(mask: np.ndarray) -> tuple[list[int], list[int]]:
+    """Starts and ends (exclusive) of the runs of True in `mask`."""
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    return np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()
+
+
 # ---------------------------------------------------------------- replay
 
 def resolve_rate(rate: Rate | str, streams: Sequence[SensorStream]) -> float | None:
@@ -373,7 +421,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic", default=env("MONITOR_INPUT_TOPIC", "ecg.samples"),
                         help="input topic (env MONITOR_INPUT_TOPIC)")
     parser.add_argument("--source", default="ecg5000",
-                        help="'ecg5000', or a .csv/.parquet/.npy/.npz file holding a continuous signal")
+                        help="'ecg5000', a WFDB record (RECORD.hea, streamed at its own fs), or a "
+                             ".csv/.parquet/.npy/.npz file holding a continuous signal (--fs)")
+    parser.add_argument("--lead", default=None,
+                        help="WFDB record: the lead (signal name) to stream; default: the first")
+    parser.add_argument("--offset-s", type=float, default=None,
+                        help="WFDB record: sensor i starts i * this many seconds into the record "
+                             "(default: the record's length / sensors)")
     parser.add_argument("--data", default=env("ECG5000_DIR"),
                         help="directory with ECG5000_TRAIN.txt/ECG5000_TEST.txt (env ECG5000_DIR); "
                              "default: download to the cache")
@@ -385,6 +439,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", default="realtime", type=parse_rate,
                         help="'realtime' (fs samples/s per sensor), 'max', or samples/s per sensor")
     parser.add_argument("--samples-per-message", type=int, default=35, help="samples in each record")
+    parser.add_argument("--record-ms", type=float, default=None,
+                        help="milliseconds of signal in each record (samples = this * fs / 1000, at least 1); "
+                             "overrides --samples-per-message")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds to run; the streams repeat (seq keeps increasing) until then")
     parser.add_argument("--fs", type=float, default=ECG_FS, help="sampling rate of a signal file, Hz")
@@ -397,6 +454,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_streams(args: argparse.Namespace) -> list[SensorStream]:
     """The streams the CLI arguments describe."""
+    if Path(args.source).suffix.lower() == ".hea":
+        return load_record_streams(args.source, sensors=args.sensors, lead=args.lead, prefix=args.sensor_prefix,
+                                   offset_s=args.offset_s)
     if args.source != "ecg5000":
         return load_signal_streams(args.source, sensors=args.sensors, fs=args.fs, prefix=args.sensor_prefix)
     return build_ecg_streams(ensure_data(args.data), sensors=args.sensors,
@@ -436,11 +496,23 @@ def parse_rate(text: str) -> Rate:
     return value
 
 
+def samples_per_message(args: argparse.Namespace, streams: Sequence[SensorStream]) -> int:
+    """--record-ms at the streams' sampling rate, else --samples-per-message."""
+    if args.record_ms is None:
+        return int(args.samples_per_message)
+    rates = {s.fs for s in streams}
+    if len(rates) != 1 or not args.record_ms > 0:
+        raise ValueError(f"--record-ms needs a positive value and one sampling rate, got {args.record_ms} "
+                         f"and {sorted(rates)}")
+    return max(1, round(args.record_ms * rates.pop() / 1000))
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         streams = build_streams(args)
         rate = args.rate
         per_sensor = resolve_rate(rate, streams)
+        args.samples_per_message = samples_per_message(args, streams)
     except (ValueError, OSError) as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
@@ -448,7 +520,7 @@ def main(args: argparse.Namespace) -> int:
         args.truth_out.write_text(json.dumps([s.truth() for s in streams], indent=1))
     anomalous = sum(s.anomalous for s in streams)
     pace = "as fast as possible" if per_sensor is None else f"{per_sensor:g} samples/s per sensor"
-    print(f"replaying {len(streams)} sensors ({anomalous} with injected anomalies) to {args.topic} "
+    print(f"replaying {len(streams)} sensors ({anomalous} with anomalies in their ground truth) to {args.topic} "
           f"at {args.bootstrap_servers}, {pace}, {args.samples_per_message} samples per record", file=sys.stderr)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
