@@ -84,8 +84,8 @@ def test_streams_are_deterministic_per_seed(pool):
     again = build_ecg_streams(pool, sensors=6, anomalous_fraction=0.5, beats_per_sensor=15, seed=7)
     other = build_ecg_streams(pool, sensors=6, anomalous_fraction=0.5, beats_per_sensor=15, seed=8)
     assert all(np.array_equal(a.values, b.values) and a.anomalous_ranges == b.anomalous_ranges
-               for a, b in zip(first, again))
-    assert not all(np.array_equal(a.values, b.values) for a, b in zip(first, other))
+               for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a.values, b.values) for a, b in zip(first, other, strict=True))
 
 
 def test_too_short_streams_for_the_runs_are_refused(pool):
