@@ -284,7 +284,8 @@ def fresh_broker(work: Path, name: str, partitions: int):
     """A new in-memory broker with the bench topics."""
     with EmbeddedBroker(log_path=work / f"tansu-{name}.log") as broker:
         broker.create_topics({TOPICS["input"]: partitions, TOPICS["alerts"]: partitions,
-                              TOPICS["dlq"]: 1, TOPICS["scores"]: partitions})
+                              TOPICS["dlq"]: 1, TOPICS["scores"]: partitions,
+                              "ecg.monitor.state": partitions}, compacted=("ecg.monitor.state",))
         yield broker
 
 

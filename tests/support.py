@@ -53,13 +53,15 @@ class Topics:
     alerts: str
     dlq: str
     scores: str
+    state: str  # the compacted changelog of per-sensor state: partitioned like the input
 
     @classmethod
     def for_prefix(cls, prefix: str) -> Topics:
-        return cls(f"{prefix}.samples", f"{prefix}.alerts", f"{prefix}.dlq", f"{prefix}.scores")
+        return cls(f"{prefix}.samples", f"{prefix}.alerts", f"{prefix}.dlq", f"{prefix}.scores", f"{prefix}.state")
 
     def create(self, bootstrap: str, partitions: int = 3) -> Topics:
-        create_topics(bootstrap, {self.input: partitions, self.alerts: 1, self.dlq: 1, self.scores: 1})
+        create_topics(bootstrap, {self.input: partitions, self.alerts: 1, self.dlq: 1, self.scores: 1,
+                                  self.state: partitions}, compacted=(self.state,))
         return self
 
 
@@ -76,6 +78,7 @@ def monitor_env(bootstrap: str, topics: Topics, model_path: Path, *, scores: boo
         alerts_topic=topics.alerts,
         dlq_topic=topics.dlq,
         scores_topic=topics.scores if scores else "",
+        state_topic=topics.state,
         device="cpu",
         metrics_host="127.0.0.1",
         metrics_port=free_port(),

@@ -76,8 +76,8 @@ class EmbeddedBroker:
                 self.process.wait()
         self.process = None
 
-    def create_topics(self, partitions: dict[str, int]) -> None:
-        create_topics(self.bootstrap, partitions)
+    def create_topics(self, partitions: dict[str, int], compacted: tuple[str, ...] = ()) -> None:
+        create_topics(self.bootstrap, partitions, compacted=compacted)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
@@ -86,15 +86,19 @@ class EmbeddedBroker:
         self.stop()
 
 
-def create_topics(bootstrap: str, partitions: dict[str, int], replication: int = 1, timeout_s: float = 30.0) -> None:
-    """Create topics (name -> partition count) if missing; retries while the broker comes up."""
+def create_topics(bootstrap: str, partitions: dict[str, int], replication: int = 1, timeout_s: float = 30.0,
+                  compacted: tuple[str, ...] = ()) -> None:
+    """Create topics (name -> partition count) if missing, those named in `compacted` with
+    cleanup.policy=compact (changelogs); retries while the broker comes up."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
             try:
                 existing = set(admin.list_topics())
-                new = [NewTopic(name, n, replication) for name, n in partitions.items() if name not in existing]
+                new = [NewTopic(name, n, replication,
+                                topic_configs={"cleanup.policy": "compact"} if name in compacted else {})
+                       for name, n in partitions.items() if name not in existing]
                 if new:
                     try:
                         admin.create_topics(new)

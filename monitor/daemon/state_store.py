@@ -1,0 +1,312 @@
+"""Per-sensor state (calibration + alert policy) and its changelog topic, like a Kafka Streams
+state store.
+
+`SensorStates` holds, for every sensor of the assigned partitions, its calibration state
+(monitor.stream.calibration), its policy state (monitor.stream.policy.ScorePolicy) and a replay
+marker: the start seq of the last window applied and the highest input offset among the windows
+applied. Each batch's changed sensors are written to a compacted changelog topic, keyed by sensor
+id and on the *same partition number* as their input records, so the owner of input partition p
+restores its sensors by reading changelog partition p to the end (`ChangelogReader`), never a
+local file.
+
+Delivery (see `Monitor._flush`): the changelog records of a batch are produced only after a flush
+acknowledged the batch's alerts and scores, and the input offsets are committed only after a
+second flush acknowledged the changelog records. So a restored state is never behind the
+committed offset, and everything it reflects was delivered. It may be *ahead* (a crash between the
+second flush and the commit): the replayed windows it already reflects are recognised by the
+marker (start seq <= marker seq and completing offset <= marker offset) and skipped: no second
+update of the baseline, no second alert, deterministic. A window from a sensor whose seq went back
+(a device reset) comes at a higher offset, so it is applied.
+
+Bounded: a sensor not seen for `idle_timeout_s` (or the idlest beyond `max_sensors`) is dropped
+and a tombstone deletes it from the changelog (compaction then removes it). A changelog record
+written by another model version is ignored on restore: a baseline of another model's errors
+means nothing for this one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from kafka import TopicPartition
+from kafka.errors import KafkaTimeoutError
+
+from monitor.core.scoring import Scorer
+from monitor.daemon.kafka_io import make_consumer
+from monitor.daemon.settings import MonitorSettings
+from monitor.stream.calibration import (CALIBRATED, CALIBRATING, Calibrated, CalibrationConfig, CalibrationState,
+                                        Calibrator, Prior)
+from monitor.stream.policy import ScorePolicy, ScorePolicyConfig
+from monitor.stream.windowing import SensorKey
+
+log = logging.getLogger("monitor.daemon.state_store")
+
+#: Version of the changelog value format.
+STATE_FORMAT = 1
+#: Spread (log units) of the fallback prior when an artefact has no validation error stats.
+FALLBACK_PRIOR_SCALE = 0.5
+#: z of the 95th percentile: the fallback prior puts the model threshold there (as the trainer does).
+Z95 = 1.6449
+
+Change = tuple[int, bytes, bytes | None]  # (partition, key, value; None = tombstone)
+
+
+@dataclass
+class _Sensor:
+    calibration: CalibrationState
+    seq: int  # start seq of the last window applied
+    offset: int  # highest completing offset among the windows applied
+    last_seen: float
+
+
+class Outcome(NamedTuple):
+    """One window's calibrated score and its policy transitions."""
+
+    calibrated: Calibrated
+    transitions: list[str]
+    phase: str  # "calibrating" or "calibrated" after this window
+    calibrated_threshold: float  # the raw error at which this sensor's score reaches the fire level
+
+
+class SensorStates:
+    def __init__(self, calibrator: Calibrator, policy: ScorePolicy, model_version: str, *,
+                 idle_timeout_s: float = 86_400.0, max_sensors: int = 200_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.calibrator = calibrator
+        self.policy = policy
+        self.model_version = model_version
+        self.idle_timeout_s = idle_timeout_s
+        self.max_sensors = max_sensors
+        self.clock = clock
+        self._sensors: OrderedDict[SensorKey, _Sensor] = OrderedDict()  # least recently seen first
+        self._dirty: set[SensorKey] = set()
+        self._deleted: set[SensorKey] = set()
+
+    def __len__(self) -> int:
+        return len(self._sensors)
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def apply(self, key: SensorKey, start_seq: int, offset: int, error: float, good_quality: bool) -> Outcome | None:
+        """Calibrate and run the policy on one window; None when the state already reflects it
+        (a replay after a crash between the changelog's flush and the commit)."""
+        sensor = self._sensors.get(key)
+        if sensor is not None and start_seq <= sensor.seq and offset <= sensor.offset:
+            return None
+        if sensor is None:
+            sensor = self._sensors[key] = _Sensor(self.calibrator.new_state(), start_seq, offset, self.clock())
+            self._deleted.discard(key)
+            self._evict_over_capacity()
+        else:
+            self._sensors.move_to_end(key)
+            sensor.seq, sensor.offset, sensor.last_seen = start_seq, max(offset, sensor.offset), self.clock()
+        calibrated = self.calibrator.update(sensor.calibration, error, good_quality)
+        transitions = self.policy.observe(key, calibrated.score, calibrating=calibrated.calibrating,
+                                          gross=calibrated.gross, good_quality=good_quality)
+        self._dirty.add(key)
+        return Outcome(calibrated, transitions, self.calibrator.phase(sensor.calibration),
+                       self.calibrator.threshold_error(sensor.calibration, self.policy.config.fire_level))
+
+    def calibrating(self) -> int:
+        return sum(1 for s in self._sensors.values() if self.calibrator.phase(s.calibration) == CALIBRATING)
+
+    def calibrated_threshold(self, key: SensorKey) -> float | None:
+        sensor = self._sensors.get(key)
+        return None if sensor is None else self.calibrator.threshold_error(sensor.calibration,
+                                                                           self.policy.config.fire_level)
+
+    # -- the changelog ---------------------------------------------------------------------------
+
+    def changes(self) -> list[Change]:
+        """The changelog records of everything changed since the last call (one per sensor)."""
+        out: list[Change] = [(p, s.encode(), self.encode((p, s))) for p, s in sorted(self._dirty)]
+        out += [(p, s.encode(), None) for p, s in sorted(self._deleted)]
+        self._dirty.clear()
+        self._deleted.clear()
+        return out
+
+    def encode(self, key: SensorKey) -> bytes:
+        sensor = self._sensors[key]
+        return json.dumps({"format": STATE_FORMAT, "model_version": self.model_version, "seq": sensor.seq,
+                           "offset": sensor.offset, "calibration": sensor.calibration.to_dict(),
+                           "policy": self.policy.snapshot(key)}, separators=(",", ":")).encode()
+
+    def restore(self, partition: int, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:
+        """Replace the partition's sensors by the changelog's last record per key (in log order);
+        returns how many sensors were restored."""
+        self.drop_partitions({partition})
+        latest: dict[str, bytes | None] = {}
+        for key, value in records:
+            if key is not None:
+                latest[key.decode(errors="replace")] = value
+        restored = 0
+        for sensor_id, value in latest.items():
+            if value is not None and self._load((partition, sensor_id), value):
+                restored += 1
+        self._evict_over_capacity()
+        return restored
+
+    def _load(self, key: SensorKey, value: bytes) -> bool:
+        try:
+            data = json.loads(value)
+            if data.get("format") != STATE_FORMAT or data.get("model_version") != self.model_version:
+                return False  # another model's baseline: the sensor calibrates again
+            calibration = CalibrationState.from_dict(data["calibration"])
+            if not (math.isfinite(calibration.location) and math.isfinite(calibration.scale)):
+                return False
+            sensor = _Sensor(calibration, int(data["seq"]), int(data["offset"]), self.clock())
+            if data.get("policy") is not None:
+                self.policy.restore(key, data["policy"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("unreadable changelog record ignored",
+                        extra={"sensor_id": key[1][:64], "error": str(exc)[:200]})
+            return False
+        self._sensors[key] = sensor
+        return True
+
+    # -- bounds ----------------------------------------------------------------------------------
+
+    def sweep(self) -> int:
+        """Drop sensors idle for idle_timeout_s (tombstones go out with the next changes()); returns how many."""
+        now, dropped = self.clock(), 0
+        while self._sensors:
+            key, sensor = next(iter(self._sensors.items()))
+            if now - sensor.last_seen < self.idle_timeout_s:
+                break
+            self._delete(key)
+            dropped += 1
+        return dropped
+
+    def _evict_over_capacity(self) -> None:
+        while len(self._sensors) > self.max_sensors:
+            self._delete(next(iter(self._sensors)))
+
+    def _delete(self, key: SensorKey) -> None:
+        del self._sensors[key]
+        self.policy.forget([key])
+        self._dirty.discard(key)
+        self._deleted.add(key)
+
+    def drop_partitions(self, partitions: set[int]) -> None:
+        """Forget the sensors of revoked partitions (their changelog stays for the next owner)."""
+        for key in [k for k in self._sensors if k[0] in partitions]:
+            del self._sensors[key]
+        self.policy.drop_partitions(partitions)
+        self._dirty = {k for k in self._dirty if k[0] not in partitions}
+        self._deleted = {k for k in self._deleted if k[0] not in partitions}
+
+
+# -- building from the artefact and the settings -------------------------------------------------
+
+def prior_of(scorer: Scorer) -> Prior:
+    """The model's baseline from its artefact's validation error stats; without them, a prior that
+    puts the model's threshold at the 95th percentile with a spread of FALLBACK_PRIOR_SCALE."""
+    metadata = getattr(getattr(scorer, "artefact", None), "metadata", None) or {}
+    stats = metadata.get("validation_errors")
+    threshold = float(scorer.threshold)
+    if isinstance(stats, Mapping):
+        try:
+            return Prior.from_stats(stats, threshold)
+        except (KeyError, ValueError, TypeError):
+            log.warning("the artefact's validation error stats are unusable; using the threshold-based prior")
+    return Prior(math.log(threshold) - Z95 * FALLBACK_PRIOR_SCALE, FALLBACK_PRIOR_SCALE, threshold)
+
+
+def policy_config(scorer: Scorer, settings: MonitorSettings) -> ScorePolicyConfig:
+    """The artefact's operating point ("policy" in its metadata) when it has one, else the
+    defaults; the MONITOR_ALERT_* settings that are set override either."""
+    metadata = getattr(getattr(scorer, "artefact", None), "metadata", None) or {}
+    stored = metadata.get("policy")
+    fields = set(ScorePolicyConfig.__dataclass_fields__)
+    values: dict[str, Any] = {k: v for k, v in stored.items() if k in fields} if isinstance(stored, Mapping) else {}
+    overrides = {"fire_level": settings.alert_fire_level, "resolve_level": settings.alert_resolve_level,
+                 "resolve_beats": settings.alert_resolve_beats, "gross_beats": settings.alert_gross_beats}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("resolve_level", 0.0) > values.get("fire_level", ScorePolicyConfig.fire_level):
+        values["resolve_level"] = values.get("fire_level", ScorePolicyConfig.fire_level) / 2  # keep hysteresis valid
+    return ScorePolicyConfig(**values)
+
+
+def build_states(scorer: Scorer, settings: MonitorSettings,
+                 clock: Callable[[], float] = time.monotonic) -> SensorStates:
+    calibration = CalibrationConfig() if settings.calibration_warmup_beats is None else \
+        CalibrationConfig(warmup_beats=settings.calibration_warmup_beats)
+    return SensorStates(Calibrator(prior_of(scorer), calibration), ScorePolicy(policy_config(scorer, settings)),
+                        scorer.model_version, idle_timeout_s=settings.state_idle_timeout_s,
+                        max_sensors=settings.max_sensors, clock=clock)
+
+
+# -- reading the changelog -----------------------------------------------------------------------
+
+class Changelog(Protocol):
+    """What the loop needs to restore state: the changelog's records of some partitions."""
+
+    def read(self, partitions: Collection[int]) -> dict[int, list[tuple[bytes | None, bytes | None]]]: ...
+
+
+class ChangelogReader:
+    """Reads changelog partitions to their end with its own consumer (assign(), no group), so the
+    group member's position and membership are untouched."""
+
+    def __init__(self, settings: MonitorSettings, timeout_s: float = 30.0) -> None:
+        self.topic = settings.state_topic
+        self.timeout_s = timeout_s
+        self.consumer = make_consumer(settings, group_id=None, enable_auto_commit=False,
+                                      auto_offset_reset="earliest", client_id=f"{settings.client_id}-state")
+
+    def partitions(self, topic: str) -> set[int] | None:
+        parts: set[int] | None = self.consumer.partitions_for_topic(topic)
+        return parts
+
+    def read(self, partitions: Collection[int]) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
+        """Every record of the partitions, in log order; KafkaTimeoutError past timeout_s."""
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        out: dict[int, list[tuple[bytes | None, bytes | None]]] = {p: [] for p in partitions}
+        if not tps:
+            return out
+        self.consumer.assign(tps)
+        try:
+            self.consumer.seek_to_beginning(*tps)
+            end = self.consumer.end_offsets(tps)
+            deadline = time.monotonic() + self.timeout_s
+            remaining = {tp for tp in tps if self.consumer.position(tp) < end[tp]}
+            while remaining:
+                if time.monotonic() > deadline:
+                    raise KafkaTimeoutError(f"changelog {self.topic} not read to its end in {self.timeout_s} s")
+                for tp, records in self.consumer.poll(timeout_ms=200).items():
+                    out[tp.partition].extend((r.key, r.value) for r in records)
+                remaining = {tp for tp in remaining if self.consumer.position(tp) < end[tp]}
+        finally:
+            self.consumer.assign([])
+        return out
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+def check_state_topic(reader: ChangelogReader, settings: MonitorSettings, timeout_s: float = 30.0) -> str | None:
+    """None when the changelog topic exists with as many partitions as the input topic, else why not."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state, inputs = reader.partitions(settings.state_topic), reader.partitions(settings.input_topic)
+        if state is not None and inputs is not None:
+            break
+        if time.monotonic() > deadline:
+            missing = settings.state_topic if state is None else settings.input_topic
+            return f"topic {missing} does not exist"
+        time.sleep(0.5)
+    if len(state) != len(inputs):
+        return (f"the state topic {settings.state_topic} has {len(state)} partitions, the input topic "
+                f"{settings.input_topic} {len(inputs)}: they must be equal (state is partitioned like the input)")
+    return None
+
+
+__all__ = ["CALIBRATED", "CALIBRATING", "Changelog", "ChangelogReader", "Outcome", "SensorStates", "build_states",
+           "check_state_topic", "policy_config", "prior_of"]
