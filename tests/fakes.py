@@ -54,6 +54,9 @@ class FakeConsumer:
         self.fail_commits = 0  # the next this many commit() calls raise
         self.listener: Any = None
         self.closed = False
+        self.topics_present: set[str] | None = None  # None: every topic exists (partitions_for_topic)
+        self.paused_partitions: set[int] = set()
+        self.max_polled = 0  # the most records one poll returned
         self._positions: dict[int, int] = {}  # assigned partition -> next offset to fetch
 
     # -- the test's side -----------------------------------------------------------------------
@@ -93,14 +96,32 @@ class FakeConsumer:
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(self.topic, p) for p in self._positions}
 
-    def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[FakeRecord]]:
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[FakeRecord]]:
         out = {}
+        budget = min(self.max_poll_records, max_records or self.max_poll_records)
         for partition, position in sorted(self._positions.items()):
-            records = self.logs[partition][position:position + self.max_poll_records]
+            if partition in self.paused_partitions:
+                continue
+            records = self.logs[partition][position:position + budget]
             if records:
                 out[TopicPartition(self.topic, partition)] = records
                 self._positions[partition] = position + len(records)
+                budget -= len(records)
+        self.max_polled = max(self.max_polled, sum(map(len, out.values())))
         return out
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused_partitions |= {tp.partition for tp in partitions}
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused_partitions -= {tp.partition for tp in partitions}
+
+    def paused(self) -> set[TopicPartition]:
+        return {TopicPartition(self.topic, p) for p in self.paused_partitions}
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        exists = self.topics_present is None or topic in self.topics_present
+        return set(range(len(self.logs))) if exists else set()
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         assert tp.partition in self._positions, "seek on a partition that is not assigned"
@@ -152,26 +173,28 @@ class FakeProducer:
 
     def __init__(self) -> None:
         self.topics: dict[str, list[tuple[bytes | None, bytes]]] = {}
+        self.partitions: dict[str, list[int | None]] = {}  # the partition each delivered record was sent to
         self.fail_flushes = 0
         self.closed = False
-        self._in_flight: list[tuple[str, bytes | None, bytes, FakeFuture]] = []
+        self._in_flight: list[tuple[str, bytes | None, bytes, int | None, FakeFuture]] = []
 
     def send(self, topic: str, value: bytes, key: bytes | None = None,
-             headers: list[tuple[str, bytes]] | None = None) -> FakeFuture:
+             headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> FakeFuture:
         future = FakeFuture()
-        self._in_flight.append((topic, key, value, future))
+        self._in_flight.append((topic, key, value, partition, future))
         return future
 
     def flush(self, timeout: float | None = None) -> None:
         failing = self.fail_flushes > 0
         if failing:
             self.fail_flushes -= 1
-        for topic, key, value, future in self._in_flight:
+        for topic, key, value, partition, future in self._in_flight:
             future.done = True
             if failing:
                 future.exception = KafkaTimeoutError("not acknowledged within the delivery timeout (fake)")
             else:
                 self.topics.setdefault(topic, []).append((key, value))
+                self.partitions.setdefault(topic, []).append(partition)
         self._in_flight.clear()
 
     def close(self, timeout: float | None = None) -> None:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import (InvalidRecordError, InvalidTopicError, KafkaError, MessageSizeTooLargeError,
+                          RecordListTooLargeError, TopicAuthorizationFailedError)
 from kafka.structs import OffsetAndMetadata
 
 from monitor.daemon.settings import MonitorSettings
@@ -28,6 +29,16 @@ PRODUCER_MAX_BLOCK_MS = 5_000
 BOOTSTRAP_TIMEOUT_MS = 5_000
 #: Longest a fetch waits at the broker for data (the latency budget is 250 ms end to end).
 FETCH_MAX_WAIT_MS = 50
+#: Produce errors that retrying the same record cannot cure, as a metric's reason label.
+UNPRODUCIBLE: dict[type[KafkaError], str] = {
+    MessageSizeTooLargeError: "too_large", RecordListTooLargeError: "too_large", InvalidRecordError: "invalid_record",
+    TopicAuthorizationFailedError: "unauthorized", InvalidTopicError: "invalid_topic"}
+UNPRODUCIBLE_REASONS = ("too_large", "invalid_record", "unauthorized", "invalid_topic", "missing_topic")
+
+
+def unproducible_reason(exc: BaseException | None) -> str | None:
+    """The reason a produce can never succeed, or None for an error worth retrying."""
+    return next((reason for kind, reason in UNPRODUCIBLE.items() if isinstance(exc, kind)), None)
 
 
 def make_consumer(settings: MonitorSettings, **overrides: Any) -> KafkaConsumer:
@@ -110,54 +121,98 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # kaf
 class _Outgoing:
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone
     headers: list[tuple[str, bytes]] | None
+    partition: int | None = None  # None: the producer's partitioner (by key)
     future: Any = None  # kafka-python FutureRecordMetadata, None until sent
+    reported: bool = False  # reported as unproducible (once)
+    dropped: bool = False  # unproducible on a droppable topic: given up
 
 
 class Outbox:
     """Records produced since the last successful flush. Offsets are committed only when it is
     empty, so every alert, score and dead letter derived from a committed record is on the broker.
-    A record whose delivery failed (e.g. the broker was down past the delivery timeout) is re-sent."""
+    A record whose delivery failed (e.g. the broker was down past the delivery timeout) is re-sent.
 
-    def __init__(self, producer: KafkaProducer, on_error: Callable[[str, Exception], None]) -> None:
+    A record that can never be produced (too large, topic unauthorised or invalid) is reported
+    once to `on_unproducible(topic, reason, error)`; on a `droppable` topic (the dead letters) it
+    is then dropped, on the others (alerts, scores) it stays and is retried, holding the commit.
+    Records for a topic in `missing` are not handed to the producer at all (its send() would block
+    max_block_ms waiting for metadata); they wait until the topic exists."""
+
+    def __init__(self, producer: KafkaProducer, on_error: Callable[[str, Exception], None], *,
+                 droppable: Iterable[str] = (),
+                 on_unproducible: Callable[[str, str, BaseException], None] = lambda *_: None) -> None:
         self.producer = producer
         self.on_error = on_error
+        self.droppable = frozenset(droppable)
+        self.on_unproducible = on_unproducible
+        self.missing: set[str] = set()  # output topics known not to exist (the daemon checks)
         self._items: list[_Outgoing] = []
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
-        item = _Outgoing(topic, key, value, headers)
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None = None,
+             partition: int | None = None) -> None:
+        item = _Outgoing(topic, key, value, headers, partition)
         self._items.append(item)
         self._send(item)
 
     def _send(self, item: _Outgoing) -> bool:
-        try:
-            item.future = self.producer.send(item.topic, value=item.value, key=item.key, headers=item.headers)
-            return True
-        except KafkaError as exc:  # metadata unavailable within max_block_ms, buffer full, ...
+        if item.topic in self.missing:
             item.future = None
-            self.on_error("send", exc)
             return False
+        try:
+            item.future = self.producer.send(item.topic, value=item.value, key=item.key, headers=item.headers,
+                                             partition=item.partition)
+            return True
+        except KafkaError as exc:  # metadata unavailable within max_block_ms, buffer full, too large, ...
+            item.future = None
+            if self._unproducible(item, exc):
+                return True  # dropped: nothing to wait for
+            if not item.reported:  # an unproducible one was reported once; no warning per retry
+                self.on_error("send", exc)
+            return False
+
+    def _unproducible(self, item: _Outgoing, exc: BaseException | None) -> bool:
+        """Report a record that can never be produced; True if it is dropped (a droppable topic)."""
+        reason = unproducible_reason(exc)
+        if reason is None:
+            return False
+        if not item.reported:
+            item.reported = True
+            self.on_unproducible(item.topic, reason, exc or KafkaError(reason))
+        if item.topic in self.droppable:
+            item.dropped = True
+            return True
+        return False
 
     def flush(self, timeout_s: float) -> bool:
         """Deliver everything; True when all records are acknowledged and the outbox is empty."""
+        self._items = [item for item in self._items if not item.dropped]
         if not self._items:
             return True
         for item in self._items:
             if (item.future is None or item.future.failed()) and not self._send(item):
                 return False
+        self._items = [item for item in self._items if not item.dropped]
         try:
             self.producer.flush(timeout=timeout_s)
         except KafkaError as exc:
             self.on_error("flush", exc)
             return False
-        failed = [item for item in self._items if not item.future.succeeded()]
+        failed = [item for item in self._items
+                  if not item.future.succeeded() and not self._unproducible_failure(item)]
         if failed:
-            self.on_error("send", failed[0].future.exception or KafkaError("not delivered"))
+            retried = [item for item in failed if not item.reported]
+            if retried:
+                self.on_error("send", retried[0].future.exception or KafkaError("not delivered"))
             self._items = failed
             return False
         self._items.clear()
         return True
+
+    def _unproducible_failure(self, item: _Outgoing) -> bool:
+        """A delivery that failed for good on a droppable topic: dropped (True). Others are re-sent."""
+        return bool(item.future.failed()) and self._unproducible(item, item.future.exception)

@@ -4,7 +4,8 @@ One thread runs the loop (the HTTP server has its own):
 
     poll -> decode (bad -> dead-letter topic) -> per-sensor windows -> pending batch
     when the batch is full or its oldest window waited max_wait_ms:
-        score -> alert policy -> send alerts (+ scores) -> flush -> commit safe offsets
+        score -> signal quality -> per-sensor calibration -> alert policy -> send alerts (+ scores)
+        -> flush -> send the changed sensor states to the changelog topic -> flush -> commit safe offsets
 
 Delivery is at-least-once: an offset is committed only when every record below it is fully
 processed and everything derived from it (alerts, scores, dead letters) is acknowledged by the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import os
 import signal
 import threading
@@ -37,16 +39,18 @@ from monitor.daemon.kafka_io import (Outbox, RebalanceListener, commit_offsets, 
                                      make_producer)
 from monitor.daemon.logs import setup_logging
 from monitor.daemon.metrics import Metrics
-from monitor.stream.policy import AlertPolicy
+from monitor.daemon.state_store import Changelog, ChangelogReader, SensorStates, build_states, check_state_topic
+from monitor.stream import quality
 from monitor.core.scoring import ArtefactError, Scorer
 from monitor.daemon.settings import MonitorSettings, load_settings
 from monitor.stream.ledger import Checkpoint, Ledger
+from monitor.stream.beat_windowing import SEGMENT_REASONS, BeatWindow, BeatWindower, beat_fields, convention_of
 from monitor.stream.windowing import Window, Windower
 from monitor.stream.wire import AlertRecord, DeadLetter, InvalidRecord, ScoreRecord, decode_input
 
 log = logging.getLogger("monitor.daemon.loop")
 
-AlertState = Literal["firing", "resolved"]  # what AlertPolicy.observe returns for a transition
+AlertState = Literal["firing", "resolved", "signal_quality"]  # what ScorePolicy.observe returns
 
 COMMIT_INTERVAL_S = 1.0  # commits are cheap but not free; at most one a second unless forced
 HOUSEKEEPING_INTERVAL_S = 1.0  # idle eviction, reorder timeouts, gauges
@@ -54,6 +58,7 @@ LAG_INTERVAL_S = 5.0  # consumer lag and the broker probe behind /readyz
 IDLE_POLL_S = 0.2  # poll timeout when nothing is pending: how quickly a stop request is seen
 KAFKA_TIMEOUT_S = 5.0  # bound on one flush / commit, so the loop keeps turning
 PROBE_TIMEOUT_S = 2.0  # bound on the periodic broker probe
+REBALANCE_BUDGET_S = 3.0  # bound on the work a revocation does inside poll() (scoring, flush)
 REJECT_LOG_INTERVAL_S = 10.0  # at most one warning per rejection reason this often
 
 
@@ -75,8 +80,10 @@ class Monitor:
     """The main loop. Consumer, producer, scorer and metrics are injected; so are the monotonic
     clock and the sleep (tests drive the loop in fake time)."""
 
+    windower: Windower | BeatWindower  # fixed windows or one per heartbeat (MONITOR_WINDOWING)
+
     def __init__(self, settings: MonitorSettings, scorer: Scorer, consumer: Any, producer: Any,
-                 metrics: Metrics, health: Health | None = None, *,
+                 metrics: Metrics, health: Health | None = None, *, changelog: Changelog | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.settings = settings
         self.scorer = scorer
@@ -88,24 +95,48 @@ class Monitor:
         self.threshold = float(scorer.threshold)
         self.windower = Windower(scorer.window_length, settings.hop, reorder_slots=settings.reorder_slots,
                                  reorder_timeout_s=settings.reorder_timeout_s, max_sensors=settings.max_sensors,
-                                 idle_timeout_s=settings.sensor_idle_timeout_s, clock=clock)
+                                 idle_timeout_s=settings.sensor_idle_timeout_s, clock=clock,
+                                 reorder_max_bytes=settings.reorder_max_bytes, max_seq_gap=settings.max_seq_gap,
+                                 evict_min_idle_s=settings.evict_min_idle_s)
+        convention = convention_of(scorer.artefact.metadata.get("windowing"), settings.windowing,
+                                   scorer.window_length)
+        if convention is not None:
+            self.windower = BeatWindower(convention, default_fs=settings.default_fs,
+                                         reorder_slots=settings.reorder_slots,
+                                         reorder_timeout_s=settings.reorder_timeout_s, max_sensors=settings.max_sensors,
+                                         idle_timeout_s=settings.sensor_idle_timeout_s, clock=clock)
         self.batcher = Batcher(settings.max_batch, settings.max_wait_ms / 1000, clock=clock)
-        self.policy = AlertPolicy(settings.alert_k, settings.alert_n, settings.resolve_m, settings.replay_max_windows)
-        self.outbox = Outbox(producer, self._kafka_error)
-        self.ledger = Ledger([self.windower, self.batcher], guard=self.policy)
+        # Per-sensor calibration and alert policy, restored from the changelog topic on assignment
+        # (`changelog` None: no restore, every sensor starts fresh; unit tests over fakes).
+        self.states: SensorStates = build_states(scorer, settings, clock)
+        self.changelog = changelog
+        self._unrestored: set[int] = set()  # assigned partitions whose state could not be read yet (paused)
+        # Dead letters that can never be produced are dropped after counting (the record is already
+        # judged bad; holding the commit for it would stop the partition); alerts and scores are not.
+        self.outbox = Outbox(producer, self._kafka_error, droppable={settings.dlq_topic},
+                             on_unproducible=self._unproducible)
+        self.ledger = Ledger([self.windower, self.batcher])
         self._backoff = Backoff()
-        self.checkpoint = Checkpoint(self.ledger, self.outbox.flush, self._commit, interval_s=COMMIT_INTERVAL_S,
+        self.checkpoint = Checkpoint(self.ledger, self._flush, self._commit, interval_s=COMMIT_INTERVAL_S,
                                      retry_delay=self._backoff.fail, on_delivered=self._observe_latency, clock=clock)
         self.stop_requested = False
         self._latency_ts: list[float] = []  # ts of windows sent but not yet flushed
         self._stats_seen = dict(vars(self.windower.stats))
         self._last_housekeeping = self._last_lag = self._last_kafka_error = -float("inf")
         self._reject_logged: dict[str, tuple[float, int]] = {}  # reason -> (last warning, rejected since)
+        self.health.progress_timeout_s = settings.progress_timeout_s
+        self._lag = 0  # records behind, from the last probe
+        self._progress_positions: dict[int, int] = {}
+        self._paused: set[TopicPartition] = set()  # partitions this loop paused (backpressure, missing topics)
+        self._backpressure = False
+        self._last_topic_check = -float("inf")
+        self._segments_logged: set[tuple[int, str]] = set()  # sensors whose new segment was logged
+        self._unproducible_logged: set[tuple[str, str]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def subscribe(self) -> None:
-        listener = RebalanceListener(self._on_revoked, self._on_assigned, self._on_lost)
+        listener = RebalanceListener(self._guarded_revoked, self._guarded_assigned, self._guarded_lost)
         self.consumer.subscribe([self.settings.input_topic], listener=listener)
 
     def request_stop(self) -> None:
@@ -128,11 +159,15 @@ class Monitor:
         self.metrics.loop_heartbeat.set(time.time())
         if self.checkpoint.undelivered and not self.checkpoint(force=True):
             self._sleep(self._backoff.fail())  # earlier output not delivered: stop consuming until it is
+            self._check_outputs()
+            self._watch_progress()  # no progress while it lasts: /healthz fails after progress_timeout_s
             return
+        self._flow_control()
         wait = self.batcher.wait_s()
         records = self._poll(IDLE_POLL_S if wait is None else min(wait, IDLE_POLL_S))
         if records:
             self._process(records)
+            self._flow_control()
         if self.batcher.due():
             self._score_batch()
             self.checkpoint()
@@ -174,7 +209,11 @@ class Monitor:
 
     def _poll(self, timeout_s: float) -> dict[TopicPartition, list[Any]]:
         try:
-            records: dict[TopicPartition, list[Any]] = self.consumer.poll(timeout_ms=int(timeout_s * 1000))
+            # At most as many records as the pending queue has room for windows (a record completes
+            # one window or more), so one poll cannot overfill it.
+            room = max(1, self.settings.max_pending_windows - len(self.batcher))
+            records: dict[TopicPartition, list[Any]] = self.consumer.poll(
+                timeout_ms=int(timeout_s * 1000), max_records=min(room, self.settings.max_poll_records))
         except KafkaError as exc:
             self._kafka_error("poll", exc)
             self._sleep(self._backoff.fail())
@@ -183,11 +222,14 @@ class Monitor:
 
     def _process(self, records: dict[TopicPartition, list[Any]]) -> None:
         count = 0
-        for batch in records.values():
+        for tp, batch in records.items():
             for record in batch:
+                if len(self.batcher) >= self.settings.max_pending_windows:
+                    self.consumer.seek(tp, record.offset)  # full: the rest is fetched again after scoring
+                    break
                 self._handle(record)
-            count += len(batch)
-            self.ledger.read(batch[-1].partition, batch[-1].offset)
+                self.ledger.read(record.partition, record.offset)
+                count += 1
         self.metrics.records.inc(count)
         self.metrics.last_processed.set(time.time())
 
@@ -197,11 +239,13 @@ class Monitor:
         except InvalidRecord as error:
             self._reject(record, error)
             return
-        windows, evicted = self.windower.add(record.partition, record.offset, decoded)
+        try:
+            windows, _evicted = self.windower.add(record.partition, record.offset, decoded)
+        except InvalidRecord as error:  # beat windows: a record without fs and no MONITOR_DEFAULT_FS
+            self._reject(record, error)
+            return
         if windows:
             self.batcher.extend(windows)
-        if evicted:
-            self.policy.forget(evicted)
 
     def _reject(self, record: Any, error: InvalidRecord) -> None:
         self.metrics.invalid_records.labels(reason=error.reason).inc()
@@ -230,6 +274,7 @@ class Monitor:
             return
         started = time.perf_counter()
         errors = self.scorer.score(np.stack([w.values for w in batch]))
+        errors, batch = self._finite_scores(errors, batch)
         self.metrics.scoring_latency.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
         anomalous = errors > self.threshold
@@ -240,29 +285,52 @@ class Monitor:
         now = time.time()
         for window, error, flag in zip(batch, errors.tolist(), anomalous.tolist(), strict=True):
             self.ledger.sent(window.partition, window.first_offset)  # scored: its outputs now hold the commit
-            transition = self.policy.observe(window.key, flag, window.first_offset)
-            if self.settings.scores_topic:
-                self._send_score(window, error, flag, now)
-            if transition:
-                self._send_alert(window, transition, error, now)
+            if isinstance(window, BeatWindow):
+                self.metrics.rr_interval.observe(window.rr_s)
+            self._calibrate_and_alert(window, error, flag, now)
             if window.ts is not None:
                 self._latency_ts.append(window.ts)
 
-    def _send_score(self, window: Window, error: float, flag: bool, now: float) -> None:
-        record = ScoreRecord(sensor_id=window.sensor_id, window_start_seq=window.start_seq,
-                             window_end_seq=window.end_seq, score=error, threshold=self.threshold,
-                             anomalous=flag, model_version=self.scorer.model_version, scored_at=now)
-        self.outbox.send(self.settings.scores_topic, window.sensor_id.encode(), record.to_bytes())
-        self.metrics.scores_published.inc()
+    def _calibrate_and_alert(self, window: Window, error: float, flag: bool, now: float) -> None:
+        """Signal quality -> per-sensor calibration -> policy -> score record and alerts."""
+        bad = self._quality(window)
+        outcome = self.states.apply(window.key, window.start_seq, window.last_offset, error, bad is None)
+        if outcome is None:  # the restored state already reflects this window: its outputs were delivered
+            return
+        if bad is not None:
+            self.metrics.signal_quality_windows.labels(reason=bad).inc()
+        if self.settings.scores_topic:
+            record = ScoreRecord(sensor_id=window.sensor_id, window_start_seq=window.start_seq,
+                                 window_end_seq=window.end_seq, score=error, threshold=self.threshold,
+                                 anomalous=flag, model_version=self.scorer.model_version, scored_at=now,
+                                 **beat_fields(window),
+                                 calibrated_score=_finite(outcome.calibrated.score),
+                                 calibration=cast(Literal["calibrating", "calibrated"], outcome.phase),
+                                 calibrated_threshold=_finite(outcome.calibrated_threshold), quality=bad)
+            self.outbox.send(self.settings.scores_topic, window.sensor_id.encode(), record.to_bytes())
+            self.metrics.scores_published.inc()
+        for state in outcome.transitions:
+            alert = AlertRecord(alert_id=AlertRecord.make_id(window.sensor_id, window.start_seq, state),
+                                sensor_id=window.sensor_id, state=cast(AlertState, state),
+                                window_start_seq=window.start_seq, window_end_seq=window.end_seq, score=error,
+                                threshold=self.threshold, model_version=self.scorer.model_version, detected_at=now,
+                                **beat_fields(window),
+                                calibrated_score=_finite(outcome.calibrated.score),
+                                calibrated_threshold=_finite(outcome.calibrated_threshold), quality=bad)
+            self.outbox.send(self.settings.alerts_topic, window.sensor_id.encode(), alert.to_bytes())
+            self.metrics.alerts.labels(state=state).inc()
+            log.info("alert", extra={"alert_id": alert.alert_id, "state": state, "score": round(error, 5),
+                                     "calibrated_score": round(outcome.calibrated.score, 3)})
 
-    def _send_alert(self, window: Window, state: str, error: float, now: float) -> None:
-        alert = AlertRecord(alert_id=AlertRecord.make_id(window.sensor_id, window.start_seq, state),
-                            sensor_id=window.sensor_id, state=cast(AlertState, state),
-                            window_start_seq=window.start_seq, window_end_seq=window.end_seq, score=error,
-                            threshold=self.threshold, model_version=self.scorer.model_version, detected_at=now)
-        self.outbox.send(self.settings.alerts_topic, window.sensor_id.encode(), alert.to_bytes())
-        self.metrics.alerts.labels(state=state).inc()
-        log.info("alert", extra={"alert_id": alert.alert_id, "state": state, "score": round(error, 5)})
+    def _quality(self, window: Window) -> str | None:
+        """The window's signal-quality problem (lead_off, flat, saturation, noise) or None, on its
+        raw samples (a beat window carries them as `raw`; a fixed window's values are raw)."""
+        if not self.settings.quality_gating:
+            return None
+        raw = getattr(window, "raw", None)
+        values = window.values if raw is None else raw
+        fs = getattr(window, "fs", None) or self.settings.sample_rate_hz or float(len(values))
+        return quality.check(values, fs).reason
 
     # -- delivery: the ledger's checkpoint flushes, then commits through here ---------------------
 
@@ -273,6 +341,17 @@ class Monitor:
                 self.metrics.end_to_end_latency.observe(max(0.0, now - ts))
             self._latency_ts.clear()
 
+    def _flush(self, timeout_s: float) -> bool:
+        """The checkpoint's flush: outputs first, then the changelog records of the sensors they
+        changed, so a state on the broker never reflects an output that could still be lost, and
+        the commit that follows covers both (see monitor.daemon.state_store)."""
+        if not self.outbox.flush(timeout_s):
+            return False
+        changes = self.states.changes()
+        for partition, key, value in changes:
+            self.outbox.send(self.settings.state_topic, key, value, partition=partition)
+        return not changes or self.outbox.flush(timeout_s)
+
     def _commit(self, offsets: dict[int, int], timeout_s: float) -> bool:
         try:
             commit_offsets(self.consumer, self.settings.input_topic, offsets, timeout_s)
@@ -280,6 +359,7 @@ class Monitor:
             self._kafka_error("commit", exc)
             return False
         self.metrics.commits.inc()
+        self.health.progressed()
         self._kafka_ok()
         return True
 
@@ -291,15 +371,20 @@ class Monitor:
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         partitions = self._input_partitions(revoked)
         log.info("partitions revoked", extra={"partitions": sorted(partitions)})
-        while len(self.batcher):
+        # Bounded: this runs inside poll(). Windows left unscored are dropped with the partition's
+        # state below; its resume point (the safe offset) is below them, so they are re-read.
+        deadline = self.clock() + REBALANCE_BUDGET_S
+        while len(self.batcher) and self.clock() < deadline:
             self._score_batch()
-        if self.checkpoint.flush(KAFKA_TIMEOUT_S):
+        if self.checkpoint.flush(max(0.1, min(KAFKA_TIMEOUT_S, deadline - self.clock()))):
             # This runs on kafka-python's IO thread: an async commit (a blocking one would raise).
             offsets = self.ledger.to_commit(partitions)
             if offsets:
                 commit_offsets_async(self.consumer, self.settings.input_topic, offsets)
         # (after a lost membership kafka-python itself restarts from the commit)
         self.ledger.revoke(partitions)
+        self.states.drop_partitions(partitions)  # the next owner restores them from the changelog
+        self._unrestored -= partitions
         self._count_assigned()
 
     def _on_lost(self, lost: set[TopicPartition]) -> None:
@@ -307,33 +392,175 @@ class Monitor:
         partitions = self._input_partitions(lost)
         log.warning("partitions lost", extra={"partitions": sorted(partitions)})
         self.ledger.lose(partitions)
+        self.states.drop_partitions(partitions)
+        self._unrestored -= partitions
         self._count_assigned()
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         # kafka-python keeps the fetch position of a partition that stays assigned across a
         # rebalance, but revoking it threw away its buffered samples: re-read it from the offset
         # below which everything was delivered, or those samples' windows would never be scored.
-        resume = self.ledger.resume_points(self._input_partitions(assigned))
+        partitions = self._input_partitions(assigned)
+        resume = self.ledger.resume_points(partitions)
         for partition, offset in resume.items():
             self.consumer.seek(TopicPartition(self.settings.input_topic, partition), offset)
+        self._restore(partitions)
         self._count_assigned()
         log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+
+    def _restore(self, partitions: set[int]) -> None:
+        """Read the partitions' changelog to its end and restore their sensors before any of their
+        records is processed; while that fails, the partitions stay paused (retried on housekeeping)."""
+        if self.changelog is None or not partitions:
+            return
+        tps = [TopicPartition(self.settings.input_topic, p) for p in sorted(partitions)]
+        try:
+            records = self.changelog.read(partitions)
+        except KafkaError as exc:
+            self._kafka_error("restore", exc)
+            if not partitions <= self._unrestored:
+                self.consumer.pause(*tps)
+            self._unrestored |= partitions
+            return
+        restored = sum(self.states.restore(p, rows) for p, rows in records.items())
+        self.metrics.state_restored_sensors.inc(restored)
+        if partitions & self._unrestored:
+            self.consumer.resume(*tps)
+            self._unrestored -= partitions
+        log.info("sensor state restored", extra={"partitions": sorted(partitions), "sensors": restored})
 
     def _count_assigned(self) -> None:
         count = len(self.consumer.assignment())
         self.health.assigned = count
         self.metrics.assigned_partitions.set(count)
 
+    # -- reliability: guarded rebalance callbacks, flow control, progress, output topics ---------
+
+    def _guarded_revoked(self, revoked: set[TopicPartition]) -> None:
+        try:
+            self._on_revoked(revoked)
+        except Exception:  # noqa: BLE001 - raised inside poll() it would crash the loop
+            self._rebalance_failed("revoked")
+            self.ledger.revoke(self._input_partitions(revoked))  # drop the state; resume at the safe offset
+
+    def _guarded_assigned(self, assigned: set[TopicPartition]) -> None:
+        try:
+            self._on_assigned(assigned)
+        except Exception:  # noqa: BLE001
+            self._rebalance_failed("assigned")
+
+    def _guarded_lost(self, lost: set[TopicPartition]) -> None:
+        try:
+            self._on_lost(lost)
+        except Exception:  # noqa: BLE001
+            self._rebalance_failed("lost")
+            self.ledger.lose(self._input_partitions(lost))
+
+    def _rebalance_failed(self, callback: str) -> None:
+        self.metrics.rebalance_errors.inc()
+        log.exception("rebalance callback failed; its partitions' state is dropped (re-read from the safe offset)",
+                      extra={"callback": callback})
+
+    def _flow_control(self) -> None:
+        """Pause fetching while the pending-window queue is full (resume below half of it) or an
+        output topic is missing; a paused consumer still polls, so it keeps its group membership."""
+        pending, limit = len(self.batcher), self.settings.max_pending_windows
+        full = pending >= limit or (self._backpressure and pending > limit // 2)
+        if full and not self._backpressure:
+            self.metrics.backpressure_pauses.inc()
+        self._backpressure = full
+        assigned = set(self.consumer.assignment())
+        if full or self.health.missing_topics:
+            fresh = assigned - set(self.consumer.paused())
+            if fresh:
+                self.consumer.pause(*fresh)
+                self._paused |= fresh
+        elif self._paused:
+            self.consumer.resume(*(self._paused & assigned))
+            self._paused.clear()
+
+    def _finite_scores(self, errors: np.ndarray, batch: list[Window]) -> tuple[np.ndarray, list[Window]]:
+        """Only finite scores go on to the policy, the metrics and the scores topic. A non-finite one
+        (the model overflowed) is counted and logged; its window is skipped, not taken for normal."""
+        finite = np.isfinite(errors)
+        if finite.all():
+            return errors, batch
+        bad = [w for w, ok in zip(batch, finite.tolist(), strict=True) if not ok]
+        self.metrics.non_finite_scores.inc(len(bad))
+        log.warning("non-finite scores; windows skipped", extra={
+            "count": len(bad), "sensor_id": bad[0].sensor_id, "window_start_seq": bad[0].start_seq})
+        return errors[finite], [w for w, ok in zip(batch, finite.tolist(), strict=True) if ok]
+
+    def _unproducible(self, topic: str, reason: str, exc: BaseException) -> None:
+        """An output that can never be produced: counted; logged once per topic and reason."""
+        kind = {self.settings.dlq_topic: "dlq", self.settings.alerts_topic: "alerts"}.get(topic, "scores")
+        self.metrics.unproducible_outputs.labels(topic=kind, reason=reason).inc()
+        if (topic, reason) not in self._unproducible_logged:
+            self._unproducible_logged.add((topic, reason))
+            policy = "dropped" if kind == "dlq" else "retried; offsets are not committed past it"
+            log.error("output record cannot be produced", extra={
+                "topic": topic, "reason": reason, "policy": policy, "error": f"{type(exc).__name__}: {exc}"[:300]})
+
+    def _watch_progress(self) -> None:
+        """Tell /healthz whether there is work and whether the loop gets through it: progress is
+        records consumed with every output delivered (or nothing to do)."""
+        positions = dict(self.ledger.positions)
+        moved, self._progress_positions = positions != self._progress_positions, positions
+        work = self._lag > 0 or len(self.batcher) > 0 or self.checkpoint.undelivered
+        if not work or (moved and not self.checkpoint.undelivered):
+            self.health.progressed()
+        self.health.has_work = work
+
+    def _check_outputs(self) -> None:
+        """Not ready while an output topic is missing; its records wait (no send() blocking for
+        metadata) and fetching pauses. Checked every topic_check_interval_s."""
+        now = self.clock()
+        if now - self._last_topic_check < self.settings.topic_check_interval_s:
+            return
+        self._last_topic_check = now
+        topics = [t for t in (self.settings.alerts_topic, self.settings.dlq_topic, self.settings.scores_topic) if t]
+        try:
+            missing = tuple(t for t in topics if not self.consumer.partitions_for_topic(t))
+        except KafkaError as exc:
+            self._kafka_error("metadata", exc)
+            return
+        if missing != self.health.missing_topics:
+            if missing:
+                log.error("output topics missing: not ready, not consuming", extra={"topics": list(missing)})
+            else:
+                log.info("output topics present", extra={"topics": topics})
+        self.health.missing_topics = missing
+        self.outbox.missing = set(missing)
+
+    def _log_segments(self) -> None:
+        """A sensor's new segment (reboot, seq jump) is logged once per sensor."""
+        segments: list[Any] = getattr(self.windower, "new_segments", [])
+        for segment in segments:
+            if segment.key not in self._segments_logged and len(self._segments_logged) < 100_000:
+                self._segments_logged.add(segment.key)
+                log.warning("sensor seq restarted: new segment", extra={
+                    "sensor_id": segment.key[1], "partition": segment.key[0], "reason": segment.reason,
+                    "expected_seq": segment.previous_next_seq, "seq": segment.seq})
+        segments.clear()
+
     # -- housekeeping and errors ---------------------------------------------------------------
 
     def _housekeeping(self) -> None:
-        windows, evicted = self.windower.sweep()
+        windows, _evicted = self.windower.sweep()
         if windows:
             self.batcher.extend(windows)
-        if evicted:
-            self.policy.forget(evicted)
+        self.states.sweep()  # calibrations idle past MONITOR_STATE_IDLE_TIMEOUT_S: tombstones
+        self.metrics.calibrating_sensors.set(self.states.calibrating())
+        if self._unrestored:
+            self._restore(set(self._unrestored))
+        self._sync_segments()
         self._sync_stats()
+        self._log_segments()
         self.metrics.active_sensors.set(len(self.windower))
+        self.metrics.pending_windows.set(len(self.batcher))
+        self.metrics.buffered_bytes.set(getattr(self.windower, "memory_bytes", lambda: 0)())
+        self._check_outputs()
+        self._watch_progress()
         if self.clock() - self._last_lag >= LAG_INTERVAL_S:
             self._last_lag = self.clock()
             self._update_lag()
@@ -347,10 +574,21 @@ class Monitor:
         m = self.metrics
         for name, counter in (("samples", m.samples), ("duplicate_samples", m.duplicate_samples),
                               ("gaps", m.sequence_gaps), ("reordered_records", m.reordered_records),
-                              ("evicted_sensors", m.evicted_sensors)):
-            if now[name] > seen[name]:
-                counter.inc(now[name] - seen[name])
+                              ("evicted_sensors", m.evicted_sensors), ("evicted_samples", m.evicted_samples)):
+            if now.get(name, 0) > seen.get(name, 0):
+                counter.inc(now[name] - seen.get(name, 0))
         self._stats_seen = dict(now)
+
+    def _sync_segments(self) -> None:
+        """Segment and beat counts -> metrics; before _sync_stats, which takes the new baseline. A windower
+        counts segments started for a reason as `<reason>_segments`, beat windowers their beats as `beats`."""
+        now, seen = vars(self.windower.stats), self._stats_seen
+        for reason in SEGMENT_REASONS:
+            name = f"{reason}_segments"
+            if now.get(name, 0) > seen.get(name, 0):
+                self.metrics.segments_started.labels(reason=reason).inc(now[name] - seen.get(name, 0))
+        if now.get("beats", 0) > seen.get("beats", 0):
+            self.metrics.beats.inc(now["beats"] - seen.get("beats", 0))
 
     def _update_lag(self) -> None:
         """Lag from the high watermarks that fetches bring back; an end_offsets request doubles as
@@ -371,6 +609,7 @@ class Monitor:
             if high is not None and position is not None:
                 lag += max(0, high - position)
         self.metrics.consumer_lag.set(lag)
+        self._lag = lag
 
     def _kafka_error(self, operation: str, exc: Exception) -> None:
         self.metrics.kafka_errors.labels(operation=operation).inc()
@@ -390,6 +629,10 @@ class Monitor:
         while not (interruptible and self.stop_requested) and self.clock() < end:
             self.health.beat()
             self._sleep_s(min(0.1, max(0.0, end - self.clock())))
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _give_up(budget: float) -> None:
@@ -435,7 +678,13 @@ def main(args: argparse.Namespace) -> int:
     if clients is None:
         http.stop()
         return 0
-    monitor = Monitor(settings, scorer, clients[0], clients[1], metrics, health)
+    changelog = open_changelog(settings)
+    if changelog is None:
+        for client in clients:
+            client.close()
+        http.stop()
+        return 1
+    monitor = Monitor(settings, scorer, clients[0], clients[1], metrics, health, changelog=changelog)
     metrics.ready.set_function(lambda: float(health.readyz()[0]))
     # Everything alive now (torch, the model, the clients) lives as long as the process: keep it
     # out of the garbage collector's full passes, which would otherwise stall the loop scanning it.
@@ -443,7 +692,24 @@ def main(args: argparse.Namespace) -> int:
     try:
         return monitor.run()
     finally:
+        changelog.close()
         http.stop()
+
+
+def open_changelog(settings: MonitorSettings) -> ChangelogReader | None:
+    """The reader of the state topic, once the topic is checked (it must exist with as many
+    partitions as the input topic); None after logging why not."""
+    try:
+        changelog = ChangelogReader(settings)
+    except KafkaError as exc:
+        log.error("cannot open the state topic", extra={"error": str(exc)[:300]})
+        return None
+    problem = check_state_topic(changelog, settings)
+    if problem is not None:
+        log.error("the state topic is not usable", extra={"error": problem, "state_topic": settings.state_topic})
+        changelog.close()
+        return None
+    return changelog
 
 
 def load_scorer(settings: MonitorSettings) -> Scorer:

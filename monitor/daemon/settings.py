@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from monitor.stream.wire import DEAD_LETTER_VALUE_BYTES, DEAD_LETTER_VALUE_BYTES_LIMIT
 
 #: The settings that name Kafka topics (scores_topic may be empty: off).
-TOPIC_SETTINGS = ("input_topic", "alerts_topic", "dlq_topic", "scores_topic")
+TOPIC_SETTINGS = ("input_topic", "alerts_topic", "dlq_topic", "scores_topic", "state_topic")
 #: Kafka's rule for topic names (besides "." and ".."); an illegal name would only fail at the first send.
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
@@ -41,6 +41,8 @@ class MonitorSettings(BaseSettings):
     alerts_topic: str = Field("ecg.alerts", min_length=1)
     dlq_topic: str = Field("ecg.samples.dlq", min_length=1)
     scores_topic: str = Field("", description="Publish every window's score here; empty = off")
+    state_topic: str = Field("ecg.monitor.state", min_length=1,
+                             description="Compacted changelog of per-sensor state; as many partitions as the input")
     session_timeout_ms: int = Field(10_000, ge=1000)
     max_poll_interval_ms: int = Field(300_000, ge=1000)
     max_poll_records: int = Field(2000, ge=1)
@@ -53,15 +55,32 @@ class MonitorSettings(BaseSettings):
     max_batch: int = Field(512, ge=1, le=65536, description="Most windows scored in one batch")
     max_wait_ms: int = Field(10, ge=0, le=60_000, description="Longest a complete window waits for its batch")
     hop: int | None = Field(None, ge=1, description="Samples between window starts; empty = window length")
+    windowing: Literal["auto", "fixed", "beats"] = Field(
+        "auto", description="Windows to score: auto = the artefact's convention, fixed (every L samples) or beats")
+    default_fs: float | None = Field(None, gt=0, description="Sampling rate (Hz) of records without fs, for beat "
+                                                              "windows; empty = such records are dead-lettered")
     max_record_bytes: int = Field(1 << 20, ge=64, description="Larger input records go to the dead-letter topic")
     dlq_max_value_bytes: int = Field(DEAD_LETTER_VALUE_BYTES, ge=0, le=DEAD_LETTER_VALUE_BYTES_LIMIT,
                                      description="Most bytes of a rejected record a dead letter carries")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; empty = torch default")
 
-    # Alert policy: fire when k of the last n windows are anomalous, resolve after m normal in a row
+    # Alert policy (round 1, no longer used by the daemon: kept so existing env files still validate)
     alert_k: int = Field(2, ge=1)
     alert_n: int = Field(3, ge=1)
     resolve_m: int = Field(3, ge=1)
+
+    # Calibrated alert policy: empty = the artefact's operating point (its "policy"), else the defaults
+    alert_fire_level: float | None = Field(None, gt=0, description="Fire when the aggregate of calibrated "
+                                                                   "scores exceeds this")
+    alert_resolve_level: float | None = Field(None, ge=0, description="Resolve when the aggregate stays below this")
+    alert_resolve_beats: int | None = Field(None, ge=1, description="... for this many beats")
+    alert_gross_beats: int | None = Field(None, ge=1, description="Consecutive gross beats that fire at any time")
+    calibration_warmup_beats: int | None = Field(None, ge=3, description="Beats a new sensor calibrates on; "
+                                                                         "empty = 150")
+    quality_gating: bool = Field(True, description="Check each window's signal quality; bad ones raise no "
+                                                   "anomaly alert")
+    sample_rate_hz: float | None = Field(None, gt=0, description="Sampling rate for the quality check when "
+                                                                 "records carry no fs; empty = a window a second")
 
     # Sensor state
     sensor_idle_timeout_s: float = Field(600.0, gt=0,
@@ -73,6 +92,8 @@ class MonitorSettings(BaseSettings):
     reorder_timeout_s: float = Field(2.0, gt=0, description="A missing record not seen by then is a gap")
     replay_max_windows: int = Field(1000, ge=1, description="Longest alert episode (windows) held uncommitted "
                                                             "so a restart re-derives the same alert ids")
+    state_idle_timeout_s: float = Field(86_400.0, gt=0, description="Drop a sensor's calibration after this "
+                                                                    "long without data (tombstone)")
 
     # HTTP, logging, lifecycle
     # Loopback by default: a daemon started on a host does not expose its endpoints to the network
@@ -84,6 +105,20 @@ class MonitorSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     shutdown_timeout_s: float = Field(20.0, gt=0, description="Budget for a graceful stop on SIGTERM/SIGINT")
+
+    # -- reliability round 2 (issue 12): progress, resets, bounds, eviction --------------------------
+    progress_timeout_s: float = Field(300.0, gt=0, description="/healthz fails when there is work (lag or pending "
+                                                               "output) but no commit has advanced for this long")
+    max_seq_gap: int = Field(1_000_000, ge=1, description="A seq further ahead than this many samples starts a "
+                                                          "new segment at once (no reorder wait)")
+    reorder_max_bytes: int = Field(1 << 16, ge=0, description="Bytes of samples (float32) a sensor's reorder "
+                                                              "stash may hold")
+    max_pending_windows: int = Field(4096, ge=1, description="Pending windows at which fetching pauses "
+                                                             "(resumes below half)")
+    evict_min_idle_s: float = Field(60.0, gt=0, description="At max_sensors, a sensor idle this long may be "
+                                                            "evicted for a new one; else the new one is refused")
+    topic_check_interval_s: float = Field(10.0, gt=0, description="How often the output topics' existence is "
+                                                                  "checked (not ready while one is missing)")
 
     @field_validator(*TOPIC_SETTINGS)
     @classmethod
@@ -103,7 +138,7 @@ class MonitorSettings(BaseSettings):
             raise ValueError("security_protocol SASL_* needs MONITOR_SASL_MECHANISM")
         topics = [getattr(self, name) for name in TOPIC_SETTINGS if getattr(self, name)]
         if len(set(topics)) != len(topics):
-            raise ValueError("the input, alerts, dead-letter and scores topics must differ")
+            raise ValueError("the input, alerts, dead-letter, scores and state topics must differ")
         return self
 
     def kafka_common(self) -> dict[str, Any]:

@@ -122,19 +122,29 @@ def _reason_for(exc: ValidationError) -> tuple[str, str]:
 
 
 class AlertRecord(BaseModel):
-    """An alert opening (`firing`) or closing (`resolved`) for one sensor."""
+    """An alert opening (`firing`) or closing (`resolved`) for one sensor, or a one-shot
+    `signal_quality` alert (bad signal: lead off, flat, saturated, noisy; `quality` says which)."""
 
     model_config = ConfigDict(frozen=True)
 
     alert_id: str
     sensor_id: str
-    state: Literal["firing", "resolved"]
+    state: Literal["firing", "resolved", "signal_quality"]
     window_start_seq: int
     window_end_seq: int
-    score: float
-    threshold: float
+    score: float  # the window's reconstruction error
+    threshold: float  # the model's threshold
     model_version: str
     detected_at: float
+    # Beat windows (null for fixed windows): the beat's R peak, as a sample index in the sensor's stream, and its
+    # R-to-next-R interval in seconds; window_start_seq/window_end_seq are then the beat's span.
+    r_peak_seq: int | None = None
+    rr_s: float | None = None
+    # Round 2 (absent in older records): the sensor's calibrated score of the window, and the
+    # reconstruction error at which its calibrated score reaches the policy's fire level.
+    calibrated_score: float | None = None
+    calibrated_threshold: float | None = None
+    quality: str | None = None  # the window's signal-quality problem, if any
 
     @staticmethod
     def make_id(sensor_id: str, window_start_seq: int, state: str) -> str:
@@ -153,11 +163,19 @@ class ScoreRecord(BaseModel):
     sensor_id: str
     window_start_seq: int
     window_end_seq: int
-    score: float
-    threshold: float
-    anomalous: bool
+    score: float  # the window's reconstruction error
+    threshold: float  # the model's threshold
+    anomalous: bool  # score > threshold (the calibrated policy decides alerts)
     model_version: str
     scored_at: float
+    # Beat windows (null for fixed windows): as in AlertRecord.
+    r_peak_seq: int | None = None
+    rr_s: float | None = None
+    # Round 2 (absent in older records): per-sensor calibration (monitor.stream.calibration).
+    calibrated_score: float | None = None
+    calibration: Literal["calibrating", "calibrated"] | None = None
+    calibrated_threshold: float | None = None  # error at which the calibrated score reaches the fire level
+    quality: str | None = None  # lead_off, flat, saturation or noise when the signal is bad
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
