@@ -6,6 +6,12 @@ starts the monitor daemon as a subprocess, replays a mix of normal sensors and s
 injected runs of anomalous beats, shows the alerts live, and ends with a summary that checks
 the alerts against the ground truth. Ctrl-C stops it cleanly; the monitor and the broker are
 always stopped before it returns.
+
+With `--source RECORD.hea` it streams a real WFDB recording instead (one lead, at the record's own
+sampling rate, each sensor starting elsewhere in it): the model is --model, else the shipped
+monitor/models/default.pt, else one trained once from the record itself (cached). There is no
+injected ground truth then: the view shows the record's beats and heart rate, and each alert with the
+reference beats (AAMI classes from the record's .atr) around it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from kafka import KafkaConsumer
 from rich.console import Console, Group
 from rich.live import Live
@@ -36,14 +43,16 @@ from monitor.stream.wire import AlertRecord
 from monitor.tools.broker import BrokerUnavailable, EmbeddedBroker, free_port, tansu_binary
 from monitor.tools.harness import DaemonError, DaemonProcess, Metrics, monitor_env
 from monitor.tools.replay import (BEAT_LENGTH, ECG_FS, SensorStream, build_ecg_streams, ensure_data, load_beat_pool,
-                                  parse_rate, replay)
+                                  load_record_streams, parse_rate, replay)
 from trainer.data import default_cache_dir
 
 if TYPE_CHECKING:
     from monitor.core.artefact import Artefact
     from trainer.pipeline import FitOutcome
+    from trainer.recordings import Recording
 
 INPUT_TOPIC, ALERTS_TOPIC, DLQ_TOPIC = "ecg.samples", "ecg.alerts", "ecg.samples.dlq"
+STATE_TOPIC = "ecg.monitor.state"
 PARTITIONS = 4
 #: The monitor's default alert policy (k of n windows fire); the demo relies on it.
 ALERT_K, ALERT_N = 2, 3
@@ -56,6 +65,12 @@ LATENCY_HISTOGRAM = "ecg_monitor_end_to_end_latency_seconds"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default="ecg5000",
+                        help="'ecg5000' (beats with injected anomalous runs), or a WFDB record (RECORD.hea) "
+                             "streamed at its own sampling rate")
+    parser.add_argument("--lead", default=None, help="WFDB record: the lead to stream (default: the first)")
+    parser.add_argument("--record-ms", type=float, default=None,
+                        help="milliseconds of signal per record (default: --samples-per-message samples)")
     parser.add_argument("--sensors", type=int, default=20, help="number of replayed sensors")
     parser.add_argument("--anomalous-fraction", type=float, default=0.25,
                         help="share of sensors that get runs of anomalous beats")
@@ -389,9 +404,209 @@ def pick_port(preferred: int) -> int:
 def demo_monitor_env(bootstrap: str, model_path: Path, port: int, device: str) -> dict[str, str]:
     """Everything the demo relies on is set explicitly, so a stray .env cannot change it."""
     return monitor_env(bootstrap_servers=bootstrap, model_path=model_path, input_topic=INPUT_TOPIC,
-                       alerts_topic=ALERTS_TOPIC, dlq_topic=DLQ_TOPIC, scores_topic="", group_id="ecg-demo",
+                       alerts_topic=ALERTS_TOPIC, dlq_topic=DLQ_TOPIC, scores_topic="", state_topic=STATE_TOPIC,
+                       group_id="ecg-demo",
                        device=device, metrics_host="127.0.0.1", metrics_port=port, alert_k=ALERT_K,
                        alert_n=ALERT_N, log_format="text", log_level="INFO")
+
+
+# ---------------------------------------------------------------- a real recording (--source RECORD.hea)
+
+#: The beats model trained from the record itself when none is shipped: small and quick (about a minute
+#: on one busy CPU thread for a 30-minute record), cached; every setting pinned, as DEMO_TRAINING.
+RECORD_TRAINING: dict[str, Any] = dict(
+    embedding_dim=16, hidden_dim=32, num_layers=1, epochs=15, batch_size=32, lr=3e-3, lr_schedule="cosine",
+    forget_bias=3.0, patience=15, grad_clip=1.0, seed=42, torch_threads=1, device="cpu", normalisation="zscore",
+    reduction="mean_abs", threshold_method="percentile", threshold_percentile=99.0)
+#: The model shipped with the package (issue 14), used for recordings when present.
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.pt"
+
+
+def is_record(args: argparse.Namespace) -> bool:
+    return Path(str(args.source)).suffix.lower() == ".hea"
+
+
+def ensure_record_model(args: argparse.Namespace, console) -> Path:
+    """--model; else the shipped model; else a beats model trained once from the record (cached per record)."""
+    from monitor.core.artefact import Artefact, ArtefactError  # lazy: see ensure_model
+
+    if args.model:
+        return args.model
+    cached = args.cache_dir / "models" / f"demo-{Path(args.source).stem}-{args.lead or 'lead0'}.pt"
+    for candidate in ([] if args.retrain else [SHIPPED_MODEL, cached]):
+        if candidate.is_file():
+            try:
+                Artefact.load(candidate)
+                return candidate
+            except ArtefactError as exc:
+                console.print(f"[yellow]skipping an unusable model[/] ({exc})")
+    console.print(f"no shipped beats model: training one from {args.source} itself, at most {args.train_minutes:g} "
+                  f"min (first run only; cached at {cached}) ...")
+    from trainer.pipeline import fit_model  # lazy: see train_demo_model
+
+    outcome = fit_model(data=Path(args.source), lead=args.lead, out=cached, max_minutes=args.train_minutes,
+                        progress=True, **RECORD_TRAINING)
+    point = outcome.report["operating_point"]["chosen"]
+    console.print(f"trained in {outcome.fit.fit_seconds:.0f} s on {outcome.report['data']['split']['train']} normal "
+                  f"beats; alert policy {point['aggregate']} over {point['fire_level']:.2f} "
+                  f"({point['false_alerts_per_hour']:.2f} false alerts per sensor-hour on validation streams)")
+    return cached
+
+
+@dataclass
+class RecordDemo:
+    """A WFDB record streamed to every sensor from a different start: what is known about it offline."""
+
+    recording: Recording
+    streams: list[SensorStream]
+    starts: list[int]  # sample of the record where each sensor's stream begins
+    samples_per_message: int
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, console) -> RecordDemo:
+        from trainer import recordings  # lazy: wfdb and scipy.signal take seconds to import
+
+        (recording,) = recordings.read(Path(args.source), lead=args.lead)
+        full = load_record_streams(args.source, sensors=args.sensors, lead=args.lead)
+        n = min(len(recording.signal), max(1, int(args.duration * recording.fs)))
+        streams = [SensorStream(s.sensor_id, s.values[:n], s.fs, tuple(r for r in s.anomalous_ranges if r[1] <= n))
+                   for s in full]
+        step = len(recording.signal) // args.sensors
+        per_message = args.samples_per_message if args.record_ms is None else max(
+            1, round(args.record_ms * recording.fs / 1000))
+        return cls(recording, streams, [i * step for i in range(args.sensors)], per_message)
+
+    def reference(self, sensor: int, lo: int, hi: int) -> np.ndarray:
+        """AAMI classes of the reference beats whose R peak lies in [lo, hi) of a sensor's stream."""
+        ann = self.recording.annotations
+        if ann is None:
+            return np.empty(0, dtype=object)
+        size = len(self.recording.signal)
+        position = (ann.samples - self.starts[sensor]) % size
+        return ann.classes[(position >= lo) & (position < hi)]
+
+    def describe(self, rate) -> str:
+        rec, n = self.recording, len(self.streams[0])
+        classes = np.concatenate([self.reference(i, 0, n) for i in range(len(self.streams))])
+        counts = ", ".join(f"{c} {int((classes == c).sum())}" for c in "NSVFQ" if (classes == c).any())
+        hr = self.heart_rate_bpm()
+        heart_rate = f"; median heart rate {hr:.0f} bpm" if hr else ""
+        return (f"replaying {rec.name} ({rec.fs:g} Hz, {rec.duration_s / 60:.1f} min) to {len(self.streams)} sensors, "
+                f"{n / rec.fs:.0f} s each, starting {self.starts[1] / rec.fs if len(self.starts) > 1 else 0:.0f} s "
+                f"apart; {self.samples_per_message} samples per record; rate {rate}\n"
+                f"reference beats in the streamed spans: {counts or 'no annotations'}{heart_rate}")
+
+    def heart_rate_bpm(self) -> float | None:
+        ann = self.recording.annotations
+        if ann is None or len(ann.samples) < 2:
+            return None
+        return float(60 * self.recording.fs / np.median(np.diff(ann.samples)))
+
+    def sensor_index(self, sensor_id: str) -> int | None:
+        return next((i for i, s in enumerate(self.streams) if s.sensor_id == sensor_id), None)
+
+    def near(self, alert: AlertRecord, slack_s: float = 2.0) -> str:
+        """The reference beats within `slack_s` of an alert's window, non-normal classes first (e.g. "S+N")."""
+        i = self.sensor_index(alert.sensor_id)
+        if i is None:
+            return "unknown sensor"
+        slack = int(slack_s * self.recording.fs)
+        classes = set(self.reference(i, alert.window_start_seq - slack, alert.window_end_seq + slack).tolist())
+        return "+".join(sorted(classes, key=lambda c: ("SVFQN".find(c), c))) or "no reference beat"
+
+    def summarise(self, alerts: list[AlertRecord], log: SendLog, metrics: Metrics | None, metrics_url: str,
+                  bootstrap: str, seconds: float, interrupted: bool, model: dict) -> dict:
+        firing = [a for a in alerts if a.state == "firing"]
+        hours = sum(log.sent_until.values()) / self.recording.fs / 3600
+        latencies = [a.detected_at - t for a in firing if (t := log.produced_at(a.sensor_id, a.window_end_seq))]
+        near = [self.near(a) for a in firing]
+        return {
+            "recording": self.recording.name, "fs": self.recording.fs, "sensors": len(self.streams),
+            "seconds_per_sensor": len(self.streams[0]) / self.recording.fs,
+            "heart_rate_bpm": self.heart_rate_bpm(),
+            "records_sent": log.records, "sensor_hours": hours,
+            "windows_scored": int(metrics.value(WINDOWS_SCORED)) if metrics else None,
+            "alerts": {"firing": len(firing), "resolved": sum(a.state == "resolved" for a in alerts)},
+            "alerts_per_sensor_hour": len(firing) / hours if hours else None,
+            "alerts_near_non_normal_beats": sum(n.split("+")[0] in ("S", "V", "F", "Q") for n in near),
+            "firing_alerts": [{"sensor_id": a.sensor_id, "window_start_seq": a.window_start_seq, "score": a.score,
+                               "reference_beats": n} for a, n in zip(firing, near, strict=True)],
+            "alert_latency_s": {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
+                                "count": len(latencies)},
+            "metrics_url": metrics_url, "bootstrap": bootstrap, "model": model,
+            "seconds": round(seconds, 1), "interrupted": interrupted,
+        }
+
+
+class RecordView(LiveView):
+    """The live view of a recording: progress, windows scored, and each alert with the reference beats near it."""
+
+    def __init__(self, record: RecordDemo, log: SendLog, watcher_alerts: list[AlertRecord]) -> None:
+        self.record, self.streams = record, {s.sensor_id: s for s in record.streams}
+        self.total_records = sum(math.ceil(len(s) / log.samples_per_message) for s in record.streams)
+        self.windows_expected = 1 << 62  # unknown up front (one per beat, or per window): wait until scoring stops
+        self.log, self.alerts = log, watcher_alerts
+        self.phase, self.windows = "starting", 0
+
+    def __rich__(self) -> Group:
+        status = Text.assemble((f"{self.phase:<9} ", "bold"),
+                               f"records {self.log.records:,}/{self.total_records:,}   "
+                               f"windows scored {self.windows:,}   alerts {len(self.alerts)}")
+        bar = ProgressBar(total=max(self.total_records, 1), completed=self.log.records, width=60)
+        table = Table(title="alerts (newest last)", title_justify="left", expand=False)
+        for column in ("time", "sensor", "state", "window (seq)", "record time", "score / thr", "latency",
+                       "reference beats within 2 s"):
+            table.add_column(column)
+        shown = self.alerts[-TABLE_ROWS:]
+        for alert in shown:
+            table.add_row(*self.row(alert))
+        if len(self.alerts) > len(shown):
+            table.caption = f"{len(self.alerts) - len(shown)} earlier alerts not shown"
+        return Group(status, bar, Text(), table)
+
+    def row(self, alert: AlertRecord) -> list:
+        i = self.record.sensor_index(alert.sensor_id)
+        rec = self.record.recording
+        at = "-" if i is None else _clock(((self.record.starts[i] + alert.window_start_seq) % len(rec.signal)) / rec.fs)
+        produced = self.log.produced_at(alert.sensor_id, alert.window_end_seq)
+        latency = f"{(alert.detected_at - produced) * 1000:.0f} ms" if produced else "-"
+        state = "[bold red]firing[/]" if alert.state == "firing" else "[green]resolved[/]"
+        near = self.record.near(alert) if alert.state == "firing" else "-"
+        return [datetime.fromtimestamp(alert.detected_at).strftime("%H:%M:%S"), alert.sensor_id, state,
+                f"{alert.window_start_seq}-{alert.window_end_seq}", at, f"{alert.score:.3f} / {alert.threshold:.3f}",
+                latency, near]
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
+
+
+def render_record_summary(console, summary: dict) -> None:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f} ms"
+
+    rate = summary["alerts_per_sensor_hour"]
+    hr = summary["heart_rate_bpm"]
+    lines = [
+        ("recording", f"{summary['recording']} at {summary['fs']:g} Hz"
+                      + (f", median heart rate {hr:.0f} bpm" if hr else "")),
+        ("sensors", f"{summary['sensors']}, {summary['seconds_per_sensor']:.0f} s each "
+                    f"({summary['sensor_hours']:.2f} sensor-hours)"),
+        ("records sent", f"{summary['records_sent']:,}"),
+        ("windows scored", f"{summary['windows_scored'] if summary['windows_scored'] is not None else '?':,}"),
+        ("alerts", f"{summary['alerts']['firing']} firing ({'-' if rate is None else f'{rate:.1f}'} per sensor-hour), "
+                   f"{summary['alerts']['resolved']} resolved; {summary['alerts_near_non_normal_beats']} within 2 s "
+                   "of a non-normal reference beat"),
+        ("alert latency", f"p50 {ms(summary['alert_latency_s']['p50'])}, p99 {ms(summary['alert_latency_s']['p99'])}"),
+        ("model", f"{summary['model'].get('path')} ({summary['model'].get('windowing')} windows, threshold "
+                  f"{summary['model'].get('threshold', 0):.4f})"),
+        ("metrics", summary["metrics_url"]),
+    ]
+    table = Table(title="demo summary" + (" (interrupted)" if summary["interrupted"] else ""),
+                  show_header=False, title_justify="left")
+    for name, value in lines:
+        table.add_row(f"[bold]{name}[/]", value)
+    console.print(table)
 
 
 # ---------------------------------------------------------------- the run
@@ -422,18 +637,28 @@ class StopOnSignals:
 def run_demo(args: argparse.Namespace, console: Console, stop: threading.Event) -> dict[str, Any]:
     from monitor.core.artefact import Artefact  # lazy: see ensure_model
 
-    data_dir = ensure_data(args.data, args.cache_dir)
-    model_path = ensure_model(args, data_dir, console)
-    artefact = Artefact.load(model_path)
-    model = {"path": str(model_path), "version": artefact.model_version, "threshold": artefact.threshold}
-    streams = build_demo_streams(args, data_dir, heldout_split(artefact))
+    record = RecordDemo.of(args, console) if is_record(args) else None
+    if record is not None:
+        model_path = ensure_record_model(args, console)
+        artefact = Artefact.load(model_path)
+        streams = record.streams
+    else:
+        data_dir = ensure_data(args.data, args.cache_dir)
+        model_path = ensure_model(args, data_dir, console)
+        artefact = Artefact.load(model_path)
+        streams = build_demo_streams(args, data_dir, heldout_split(artefact))
+    model = {"path": str(model_path), "version": artefact.model_version, "threshold": artefact.threshold,
+             "windowing": artefact.metadata.get("windowing", {"kind": "fixed"}).get("kind")}
+    if record is not None:
+        args.samples_per_message = record.samples_per_message
     rate = args.rate
     run_dir = args.cache_dir / "demo-run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     started = time.monotonic()
     with StopOnSignals(stop, console), EmbeddedBroker(log_path=run_dir / "tansu.log") as broker:
-        broker.create_topics({INPUT_TOPIC: PARTITIONS, ALERTS_TOPIC: 1, DLQ_TOPIC: 1})
+        broker.create_topics({INPUT_TOPIC: PARTITIONS, ALERTS_TOPIC: 1, DLQ_TOPIC: 1, STATE_TOPIC: PARTITIONS},
+                             compacted=(STATE_TOPIC,))
         port = pick_port(args.metrics_port)
         monitor = DaemonProcess(demo_monitor_env(broker.bootstrap, model_path, port, args.device),
                                 run_dir / "monitor.log")
@@ -443,19 +668,26 @@ def run_demo(args: argparse.Namespace, console: Console, stop: threading.Event) 
             monitor.start(timeout_s=180, stop=stop)
             metrics_url = monitor.metrics_url
             console.print(f"monitor ready; metrics: [bold]{metrics_url}[/]")
-            anomalous = [s.sensor_id for s in streams if s.anomalous]
-            console.print(f"replaying {len(streams)} sensors, {len(anomalous)} with injected anomalies "
-                          f"({', '.join(anomalous) or 'none'}), {len(streams[0]) // BEAT_LENGTH} beats each, "
-                          f"rate {args.rate}")
+            if record is None:
+                anomalous = [s.sensor_id for s in streams if s.anomalous]
+                console.print(f"replaying {len(streams)} sensors, {len(anomalous)} with injected anomalies "
+                              f"({', '.join(anomalous) or 'none'}), {len(streams[0]) // BEAT_LENGTH} beats each, "
+                              f"rate {args.rate}")
+            else:
+                console.print(record.describe(args.rate))
             watcher = AlertWatcher(broker.bootstrap, ALERTS_TOPIC)
             watcher.start()
             log = SendLog(args.samples_per_message)
             metrics = stream_and_watch(args, console, stop, broker.bootstrap, streams, rate, log, watcher,
-                                       monitor)
-            summary = summarise(streams, list(watcher.alerts), log, metrics, metrics_url, broker.bootstrap,
-                                time.monotonic() - started, stop.is_set(), model)
+                                       monitor, record)
+            if record is None:
+                summary = summarise(streams, list(watcher.alerts), log, metrics, metrics_url, broker.bootstrap,
+                                    time.monotonic() - started, stop.is_set(), model)
+            else:
+                summary = record.summarise(list(watcher.alerts), log, metrics, metrics_url, broker.bootstrap,
+                                           time.monotonic() - started, stop.is_set(), model)
             if not args.json:
-                render_summary(console, summary)
+                (render_summary if record is None else render_record_summary)(console, summary)
             if args.keep_running and not stop.is_set():
                 console.print(f"broker and monitor keep running; metrics at {metrics_url}. Ctrl-C to stop.")
                 stop.wait()
@@ -477,10 +709,13 @@ def stop_monitor(monitor: DaemonProcess, console: Console) -> None:
 
 
 def stream_and_watch(args, console, stop: threading.Event, bootstrap: str, streams: list[SensorStream], rate,
-                     log: SendLog, watcher: AlertWatcher, monitor: DaemonProcess) -> Metrics | None:
+                     log: SendLog, watcher: AlertWatcher, monitor: DaemonProcess,
+                     record: RecordDemo | None = None) -> Metrics | None:
     """Replay in a thread while the live view follows records, scored windows and alerts;
-    then wait until the monitor has scored every window. Returns the last metrics."""
-    view = LiveView(streams, log, watcher.alerts)
+    then wait until the monitor has scored every window (a recording: until scoring stops
+    advancing for a few seconds). Returns the last metrics."""
+    view = LiveView(streams, log, watcher.alerts) if record is None else RecordView(record, log, watcher.alerts)
+    idle_limit_s = 30.0 if record is None else 5.0
     failure: list[BaseException] = []
 
     def produce() -> None:
@@ -503,8 +738,9 @@ def stream_and_watch(args, console, stop: threading.Event, bootstrap: str, strea
         while not stop.is_set() and view.windows < view.windows_expected:
             if view.windows != windows:
                 progress_at, windows = time.monotonic(), view.windows
-            elif time.monotonic() - progress_at > 30:
-                console.print("[yellow]the monitor stopped making progress; summarising what it scored[/]")
+            elif time.monotonic() - progress_at > idle_limit_s:
+                if record is None:
+                    console.print("[yellow]the monitor stopped making progress; summarising what it scored[/]")
                 break
             stop.wait(0.5)
             metrics = _refresh(view, monitor, metrics)

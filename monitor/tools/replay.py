@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -36,9 +36,11 @@ from tqdm import tqdm
 
 from monitor.daemon.settings import MonitorSettings
 from monitor.stream.wire import encode_input
-from trainer import recordings
 from trainer.data import DataError, default_cache_dir, download_ecg5000, load
 from trainer.split import split
+
+if TYPE_CHECKING:
+    from trainer.recordings import Recording
 
 BEAT_LENGTH = 140
 ECG_FS = 140.0
@@ -267,6 +269,9 @@ def load_record_streams(path: str | os.PathLike, sensors: int = 1, lead: str | N
     round to its start, so every sensor plays the whole record once. Ground truth: the seq ranges of runs of
     non-normal reference beats (AAMI classes from the `.atr`), from 100 ms before a run's first R peak to the
     next normal R peak, when the record has annotations."""
+    # lazy: wfdb and scipy.signal take seconds to import, and only a WFDB source needs them
+    from trainer import recordings
+
     if Path(path).suffix.lower() != ".hea":
         raise ValueError(f"{path}: a WFDB record is given by its header file (RECORD.hea)")
     (record,) = recordings.read(Path(path), lead=lead)
@@ -280,14 +285,14 @@ def load_record_streams(path: str | os.PathLike, sensors: int = 1, lead: str | N
     return streams
 
 
-def _annotated_runs(record: recordings.Recording, start: int) -> tuple[tuple[int, int], ...]:
+def _annotated_runs(record: Recording, start: int) -> tuple[tuple[int, int], ...]:
     """Seq ranges of runs of non-normal reference beats in a stream that starts at sample `start`."""
     if record.annotations is None:
         return ()
     n = len(record.signal)
     samples = (record.annotations.samples - start) % n
     order = np.argsort(samples)
-    samples, abnormal = samples[order], record.annotations.classes[order] != recordings.NORMAL
+    samples, abnormal = samples[order], record.annotations.classes[order] != "N"  # AAMI normal
     ranges = []
     lead_in = int(round(0.1 * record.fs))
     for first, end in zip(*_edges(abnormal), strict=True):
