@@ -7,7 +7,7 @@ from fakes import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.stream.windowing import Windower
+from monitor.stream.windowing import SensorLimit, Windower
 from monitor.stream.wire import InputRecord
 
 L = 8
@@ -150,7 +150,7 @@ def test_needed_offsets_cover_buffered_and_stashed_records():
 
 def test_idle_sensors_are_evicted_and_memory_is_bounded():
     clock = FakeClock()
-    w = Windower(L, max_sensors=3, idle_timeout_s=10.0, clock=clock)
+    w = Windower(L, max_sensors=3, idle_timeout_s=10.0, evict_min_idle_s=4.0, clock=clock)
     for i in range(3):
         w.add(0, i, rec(0, STREAM[:3], f"s{i}"))
     clock.now = 5.0
@@ -184,3 +184,73 @@ def test_same_windows_whatever_the_chunking_duplicates_and_local_reordering(size
     for a, b in zip(got, reference, strict=True):
         np.testing.assert_array_equal(a.values, b.values)
     assert w.stats.gaps == 0
+
+
+# -- sensor resets, jumps, redelivery, bounds (issue 12) -------------------------------------------
+
+BEAT = np.sin(np.linspace(0, 6, 4 * L)).astype(np.float32)  # 4 windows of a sensor's signal
+
+
+def test_a_reboot_that_restarts_seq_at_0_starts_a_new_segment_and_every_window_is_scored():
+    """Before: every record after the reboot was dropped as a duplicate until seq passed the old
+    high-water mark (half the windows never scored)."""
+    w = Windower(L)
+    before = feed(w, chunked(BEAT * 2, [4] * 8))  # seq 0..31: 4 windows, then the device reboots
+    after = feed(w, chunked(BEAT, [4] * 8), first_offset=8)  # seq 0..31 again, other samples
+    assert starts(before) == starts(after) == [0, 8, 16, 24]
+    for window in after:
+        np.testing.assert_array_equal(window.values, BEAT[window.start_seq:window.end_seq])
+    assert w.stats.reset_segments == 1 and w.stats.duplicate_samples == 0
+    assert [(s.reason, s.previous_next_seq, s.seq) for s in w.new_segments] == [("reset", 32, 0)]
+
+
+def test_a_record_re_sent_below_the_expected_seq_is_still_a_duplicate_not_a_reset():
+    w = Windower(L)
+    chunks = chunked(BEAT, [4] * 8)
+    windows = feed(w, chunks[:6] + [chunks[1], chunks[4]] + chunks[6:])  # re-sent out of order
+    assert starts(windows) == [0, 8, 16, 24] and w.stats.reset_segments == 0
+    assert w.stats.duplicate_samples == 8
+
+
+def test_a_record_re_read_at_an_offset_already_consumed_is_a_redelivery():
+    w = Windower(L)
+    feed(w, [(0, BEAT[:4]), (4, BEAT[4:6])])
+    windows, _ = w.add(0, 1, rec(0, BEAT[:8]))  # offset 1 again (other samples): Kafka order says re-read
+    assert windows == [] and w.stats.reset_segments == 0 and w.buffered((0, "s1")) == (0, 6)
+
+
+def test_one_record_with_seq_1e18_does_not_blind_the_sensor():
+    """Before: the hole closed by jumping to 10**18 and every later normal record was a duplicate."""
+    clock = FakeClock()
+    w = Windower(L, max_seq_gap=10 * L, clock=clock)
+    windows = feed(w, chunked(BEAT, [8] * 2))
+    bogus, _ = w.add(0, 2, rec(10**18, BEAT[:4]))
+    clock.now = 60.0
+    w.sweep()
+    windows += feed(w, chunked(BEAT, [8] * 4)[2:], first_offset=3)
+    assert starts(bogus) == [] and starts(windows) == [0, 8, 16, 24]
+    assert (w.stats.jump_segments, w.stats.reset_segments) == (1, 1)
+
+
+def test_the_reorder_stash_is_bounded_in_bytes():
+    w = Windower(L, reorder_slots=4, reorder_max_bytes=64)  # 16 float32 samples
+    feed(w, [(0, STREAM[:4])])
+    w.add(0, 1, rec(8, STREAM[8:20]))  # 12 samples (48 bytes): stashed
+    assert w.stats.gaps == 0 and w.memory_bytes() <= 2 * L * 4 + L * 4 + 64
+    w.add(0, 2, rec(20, STREAM[20:28]))  # 8 more would exceed 64 bytes: the hole is a gap now
+    assert w.stats.gaps == 1 and w.memory_bytes() <= 3 * L * 4
+
+
+def test_above_max_sensors_new_sensors_are_refused_instead_of_evicting_live_ones():
+    """Before: round-robin sensors above max_sensors evicted each other and no window completed."""
+    clock = FakeClock()
+    w = Windower(L, max_sensors=3, evict_min_idle_s=30.0, clock=clock)
+    windows, refused = [], 0
+    for offset, (i, seq) in enumerate((i, seq) for seq in range(0, 4 * L, 4) for i in range(5)):
+        clock.now += 0.1
+        try:
+            windows += w.add(0, offset, rec(seq, STREAM[seq:seq + 4], f"s{i}"))[0]
+        except SensorLimit:
+            refused += 1
+    assert sorted({x.sensor_id for x in windows}) == ["s0", "s1", "s2"] and len(windows) == 12
+    assert refused == 2 * 8 and w.stats.evicted_sensors == 0 and w.stats.refused_records == refused

@@ -43,18 +43,34 @@ class Health:
     assigned: int = 0
     kafka_ok: bool = True
     stopping: bool = False
+    # Liveness also means progress: a loop that turns but never commits while it has work (a
+    # poison output, a stuck flush) fails /healthz after progress_timeout_s, so it gets restarted.
+    progress_timeout_s: float = float("inf")
+    last_progress: float = field(default_factory=time.monotonic)
+    has_work: bool = False  # lag, pending windows or undelivered output
+    missing_topics: tuple[str, ...] = ()  # output topics that do not exist: not ready
+    clock: Callable[[], float] = time.monotonic  # tests drive it in fake time
 
     def beat(self) -> None:
-        self.last_loop = time.monotonic()
+        self.last_loop = self.clock()
+
+    def progressed(self) -> None:
+        """A commit advanced, or records were consumed with their output delivered, or there is nothing to do."""
+        self.last_progress = self.clock()
 
     def healthz(self) -> tuple[bool, dict[str, Any]]:
-        age = time.monotonic() - self.last_loop
-        return age < self.max_age_s, {"loop_age_s": round(age, 3), "max_age_s": self.max_age_s}
+        now = self.clock()
+        age, stalled = now - self.last_loop, now - self.last_progress
+        stuck = self.has_work and stalled >= self.progress_timeout_s
+        return age < self.max_age_s and not stuck, {"loop_age_s": round(age, 3), "max_age_s": self.max_age_s,
+                                                    "no_progress_s": round(stalled, 3) if self.has_work else 0.0}
 
     def readyz(self) -> tuple[bool, dict[str, Any]]:
-        ready = self.model_loaded and self.assigned > 0 and self.kafka_ok and not self.stopping
+        ready = self.model_loaded and self.assigned > 0 and self.kafka_ok and not self.stopping \
+            and not self.missing_topics
         return ready, {"model_loaded": self.model_loaded, "assigned_partitions": self.assigned,
-                       "kafka_ok": self.kafka_ok, "stopping": self.stopping}
+                       "kafka_ok": self.kafka_ok, "stopping": self.stopping,
+                       "missing_topics": list(self.missing_topics)}
 
 
 class HttpServer:

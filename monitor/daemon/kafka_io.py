@@ -99,7 +99,7 @@ def _offsets(topic: str, offsets: dict[int, int]) -> dict[TopicPartition, Offset
     return {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}
 
 
-class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python has no type hints
+class RebalanceListener(ConsumerRebalanceListener):  # kafka-python has no type hints
     """Forwards kafka-python's callbacks (they run inside poll()) to the daemon, as sets of partitions."""
 
     def __init__(self, on_revoked: Callable[[set[TopicPartition]], None],

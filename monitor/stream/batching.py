@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 from monitor.stream.windowing import Window
 
 
 class Batcher:
-    def __init__(self, max_batch: int, max_wait_s: float, clock=time.monotonic) -> None:
+    def __init__(self, max_batch: int, max_wait_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.clock = clock
@@ -35,7 +36,7 @@ class Batcher:
             return None
         if len(self._pending) >= self.max_batch:
             return 0.0
-        return max(0.0, self._pending[0].created + self.max_wait_s - self.clock())
+        return max(0.0, self._pending[0].created + self.max_wait_s - float(self.clock()))
 
     def take(self) -> list[Window]:
         """The next batch: up to max_batch windows, oldest first."""

@@ -6,29 +6,71 @@ a restart or a redelivery. Per sensor (keyed by (partition, sensor_id), because 
 state follows its partition):
 
 - a record that starts at the expected seq is appended; one record may complete many windows;
-- samples already consumed (duplicates) are dropped and counted;
-- a record that starts ahead of the expected seq waits in a small reorder stash until the hole
-  is filled (then it is counted as reordered); when the stash overflows or the hole is older
-  than `reorder_timeout_s`, the hole is a gap: the buffer resets and the next window starts at
-  the next aligned position with full data.
+- a record re-read at an offset the sensor already consumed (Kafka's order is the truth for a
+  partition) is a redelivery: dropped and counted as duplicate samples;
+- a record that starts below the expected seq is a duplicate only if its samples really were
+  consumed: it repeats one of the sensor's recent records (seq, length and CRC-32 of its
+  samples) or its overlap with the last 2L consumed samples is equal. Anything else is a
+  *reset* (a device that rebooted starts again at seq 0): a new segment starts at that record;
+- a record more than `max_seq_gap` samples ahead is a *jump*: a new segment starts at once (one
+  bogus seq such as 10**18 no longer blinds the sensor; the next normal record is a reset);
+- a record that starts ahead of the expected seq (within `max_seq_gap`) waits in a small reorder
+  stash until the hole is filled (then it is counted as reordered); when the stash is full (in
+  records or in bytes) or the hole is older than `reorder_timeout_s`, the hole is a gap: the
+  buffer resets and the next window starts at the next aligned position with full data. A record
+  that arrives later inside that hole is *late* and dropped (counted as duplicate samples).
+
+A new segment restarts the sensor's buffer at the record (windows stay aligned to absolute seq).
 
 For at-least-once commits each sensor knows the offset of the earliest record it still needs
 (buffered samples and stashed records), and each window carries the earliest offset it needs.
-Memory is bounded: one float32 buffer of L samples per sensor, a stash of a few records,
-at most `max_sensors` sensors (the idlest are evicted) and idle sensors are evicted.
+
+Memory is bounded in bytes: per sensor one float32 buffer of L samples, the last 2L samples
+(float32, for telling a re-sent record from a reset), 16 record digests and a stash of at most
+`reorder_slots` records and `reorder_max_bytes` bytes of float32 samples. For L = 140 that is
+about 3 KiB plus the stash (see docs/windowing-and-delivery.md). At most `max_sensors` sensors:
+a new sensor evicts the least recently seen one only if that one has been idle for
+`evict_min_idle_s`; otherwise the new sensor is refused (`SensorLimit`), so sensors above the
+limit never evict each other into starvation. Idle sensors are evicted after `idle_timeout_s`.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from monitor.stream.wire import InputRecord
+from monitor.stream.wire import InputRecord, InvalidRecord
 
 SensorKey = tuple[int, str]  # (partition, sensor_id)
+RESET, JUMP = "reset", "jump"  # why a sensor's new segment started
+SEGMENT_REASONS = (RESET, JUMP)
+RECENT_DIGESTS = 16  # per sensor: recent records recognised as re-sent by (seq, length, CRC-32)
+
+
+OVER_CAPACITY = "over_capacity"
+
+
+class SensorLimit(InvalidRecord):
+    """A new sensor cannot be admitted: `max_sensors` live sensors, none idle long enough to evict.
+    The daemon dead-letters the record (reason over_capacity), so its data stays on the broker."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(OVER_CAPACITY, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A sensor's new segment (for the caller's log): where it started and why."""
+
+    key: SensorKey
+    reason: str
+    previous_next_seq: int
+    seq: int
 
 
 @dataclass(slots=True)
@@ -62,13 +104,18 @@ class WindowStats:
     gaps: int = 0
     reordered_records: int = 0
     evicted_sensors: int = 0
+    evicted_samples: int = 0  # buffered samples of evicted sensors that never completed a window
+    refused_records: int = 0  # records of new sensors refused at max_sensors
+    reset_segments: int = 0
+    jump_segments: int = 0
 
 
 @dataclass(slots=True)
 class _Stashed:
     seq: int
     offset: int
-    record: InputRecord
+    values: np.ndarray  # float32
+    ts: float | None
     arrived: float
 
 
@@ -78,86 +125,145 @@ class _Sensor:
     next_seq: int  # seq of the next sample expected
     wstart: int  # start seq of the next window to complete
     last_seen: float
+    recent: np.ndarray  # the last (up to 2L) samples consumed: [next_seq - len(recent), next_seq)
+    last_offset: int = -1  # highest offset consumed: a record at or below it is a redelivery
+    hole: tuple[int, int] = (0, 0)  # the last seq range declared a gap: a record inside it is late
     # (end_seq, offset) of the records holding buffered samples, kept as a monotonic queue
     # (offsets increase front to back) so the front is the earliest offset still needed.
-    segments: deque = field(default_factory=deque)
-    stash: list = field(default_factory=list)  # of _Stashed, records ahead of next_seq
+    segments: deque[tuple[int, int]] = field(default_factory=deque)
+    digests: deque[tuple[int, int, int]] = field(default_factory=lambda: deque(maxlen=RECENT_DIGESTS))
+    stash: list[_Stashed] = field(default_factory=list)  # records ahead of next_seq
+    stash_bytes: int = 0
 
 
 class Windower:
     def __init__(self, window_length: int, hop: int | None = None, *, reorder_slots: int = 4,
-                 reorder_timeout_s: float = 2.0, max_sensors: int = 200_000,
-                 idle_timeout_s: float = 600.0, clock=time.monotonic) -> None:
+                 reorder_timeout_s: float = 2.0, reorder_max_bytes: int = 1 << 16, max_seq_gap: int | None = None,
+                 max_sensors: int = 200_000, idle_timeout_s: float = 600.0, evict_min_idle_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if window_length < 1:
             raise ValueError("window_length must be >= 1")
         self.length = window_length
         self.hop = hop or window_length
         self.reorder_slots = reorder_slots
         self.reorder_timeout_s = reorder_timeout_s
+        self.reorder_max_bytes = reorder_max_bytes
+        self.max_seq_gap = max_seq_gap
         self.max_sensors = max_sensors
         self.idle_timeout_s = idle_timeout_s
+        self.evict_min_idle_s = min(evict_min_idle_s, idle_timeout_s)
         self.clock = clock
         self.stats = WindowStats()
+        self.new_segments: list[Segment] = []  # since the caller last took them (it logs them)
         self._sensors: OrderedDict[SensorKey, _Sensor] = OrderedDict()  # least recently seen first
         self._stashing: set[SensorKey] = set()  # sensors with a non-empty stash
+        self._admit_evicted: list[SensorKey] = []  # evicted by admit(), returned by the next add()
 
     def __len__(self) -> int:
         return len(self._sensors)
 
     # -- input ---------------------------------------------------------------------------------
 
+    def admit(self, partition: int, sensor_id: str) -> None:
+        """Make room for the sensor if it is new; raises SensorLimit when none can be made."""
+        if (partition, sensor_id) not in self._sensors:
+            self._admit_evicted += self._make_room(self.clock())
+
     def add(self, partition: int, offset: int, record: InputRecord) -> tuple[list[Window], list[SensorKey]]:
-        """Feed one record; returns the windows it completed and the sensors evicted to make room."""
+        """Feed one record; returns the windows it completed and the sensors evicted to make room.
+        Raises SensorLimit for a new sensor when no room can be made."""
         now = self.clock()
         key = (partition, record.sensor_id)
         sensor = self._sensors.get(key)
-        evicted: list[SensorKey] = []
+        evicted, self._admit_evicted = self._admit_evicted, []
         if sensor is None:
+            evicted += self._make_room(now)
             sensor = self._new_sensor(record.seq, now)
             self._sensors[key] = sensor
-            evicted = self._evict_over_capacity()
         else:
             self._sensors.move_to_end(key)
             sensor.last_seen = now
+        values = np.asarray(record.values, dtype=np.float32)
         out: list[Window] = []
-        if record.seq > sensor.next_seq:
-            if len(sensor.stash) < self.reorder_slots:
-                sensor.stash.append(_Stashed(record.seq, offset, record, now))
-                self._stashing.add(key)
-                return out, evicted
-            self._close_hole(key, sensor, out, extra=_Stashed(record.seq, offset, record, now))
+        if offset <= sensor.last_offset:  # re-read (redelivered) at an offset already consumed
+            self.stats.duplicate_samples += len(values)
             return out, evicted
-        self._append(key, sensor, offset, record, out, now)
+        sensor.last_offset = offset
+        item = _Stashed(record.seq, offset, values, record.ts, now)
+        if record.seq > sensor.next_seq:
+            if self.max_seq_gap is not None and record.seq - sensor.next_seq > self.max_seq_gap:
+                self._new_segment(key, sensor, out, item, JUMP)
+            elif len(sensor.stash) < self.reorder_slots and \
+                    sensor.stash_bytes + values.nbytes <= self.reorder_max_bytes:
+                sensor.stash.append(item)
+                sensor.stash_bytes += values.nbytes
+                self._stashing.add(key)
+            else:
+                self._close_hole(key, sensor, out, extra=item)
+            return out, evicted
+        if record.seq < sensor.next_seq and not self._consumed(sensor, record.seq, values):
+            if sensor.hole[0] <= record.seq and record.end_seq <= sensor.hole[1]:
+                self.stats.duplicate_samples += len(values)  # late: its hole was already declared a gap
+                return out, evicted
+            self._new_segment(key, sensor, out, item, RESET)
+            return out, evicted
+        self._append(key, sensor, item, out, now)
         if sensor.stash:
             self._drain(key, sensor, out, now)
         return out, evicted
 
     def _new_sensor(self, seq: int, now: float) -> _Sensor:
         return _Sensor(buffer=np.empty(self.length, dtype=np.float32), next_seq=seq,
-                       wstart=self._aligned(seq), last_seen=now)
+                       wstart=self._aligned(seq), last_seen=now, recent=np.empty(0, dtype=np.float32))
 
     def _aligned(self, seq: int) -> int:
         """Start of the first window that begins at or after `seq`."""
         return -(-seq // self.hop) * self.hop
 
-    def _append(self, key: SensorKey, s: _Sensor, offset: int, record: InputRecord,
-                out: list[Window], now: float) -> None:
+    def _consumed(self, s: _Sensor, seq: int, values: np.ndarray) -> bool:
+        """Were the samples of this record (starting below next_seq) really consumed already?"""
+        if (seq, len(values), zlib.crc32(values.tobytes())) in s.digests:
+            return True
+        tail_start = s.next_seq - len(s.recent)
+        lo, hi = max(seq, tail_start), min(seq + len(values), s.next_seq)
+        return lo < hi and bool(np.array_equal(values[lo - seq:hi - seq], s.recent[lo - tail_start:hi - tail_start]))
+
+    def _new_segment(self, key: SensorKey, s: _Sensor, out: list[Window], item: _Stashed, reason: str) -> None:
+        """Start the sensor over at `item` (a reset or a jump); what the stash can still complete is emitted first."""
+        if s.stash:
+            self._close_hole(key, s, out)
+        self.new_segments.append(Segment(key, reason, s.next_seq, item.seq))
+        if reason == RESET:
+            self.stats.reset_segments += 1
+        else:
+            self.stats.jump_segments += 1
+        self._restart(s, item.seq)
+        self._append(key, s, item, out, item.arrived)
+
+    def _restart(self, s: _Sensor, seq: int) -> None:
+        s.next_seq, s.wstart = seq, self._aligned(seq)
+        s.segments.clear()
+        s.recent = s.recent[:0]
+
+    def _append(self, key: SensorKey, s: _Sensor, item: _Stashed, out: list[Window], now: float) -> None:
         """Append a record that starts at or before next_seq (its overlap is dropped as duplicate)."""
-        values = record.values
-        skip = s.next_seq - record.seq
-        if skip >= len(values):
-            self.stats.duplicate_samples += len(values)
+        data = item.values
+        skip = s.next_seq - item.seq
+        if skip >= len(data):
+            self.stats.duplicate_samples += len(data)
             return
+        s.digests.append((item.seq, len(data), zlib.crc32(data.tobytes())))
         if skip > 0:
             self.stats.duplicate_samples += skip
-            values = values[skip:]
-        data = np.asarray(values, dtype=np.float32)
+            data = data[skip:]
         n = len(data)
         self.stats.samples += n
         end_seq = s.next_seq + n
+        offset = item.offset
         while s.segments and s.segments[-1][1] >= offset:
             s.segments.pop()  # an older-seq record with a later offset is never the earliest needed
         s.segments.append((end_seq, offset))
+        s.recent = np.concatenate((s.recent, data))[-2 * self.length:]
 
         L, pos = self.length, 0
         while pos < n:
@@ -168,7 +274,7 @@ class Windower:
                 step = min(L - fill, n - pos)
                 s.buffer[fill:fill + step] = data[pos:pos + step]
                 if fill + step == L:
-                    out.append(self._emit(key, s, offset, record.ts, now))
+                    out.append(self._emit(key, s, offset, item.ts, now))
             pos += step
             s.next_seq += step
         self._trim(s)
@@ -193,8 +299,9 @@ class Windower:
         s.stash.sort(key=lambda x: x.seq)
         while s.stash and s.stash[0].seq <= s.next_seq:
             item = s.stash.pop(0)
+            s.stash_bytes -= item.values.nbytes
             self.stats.reordered_records += 1
-            self._append(key, s, item.offset, item.record, out, now)
+            self._append(key, s, item, out, now)
         if not s.stash:
             self._stashing.discard(key)
 
@@ -208,9 +315,10 @@ class Windower:
             item = s.stash.pop(0)
             if item.seq > s.next_seq:
                 self.stats.gaps += 1
-                s.next_seq, s.wstart = item.seq, self._aligned(item.seq)
-                s.segments.clear()
-            self._append(key, s, item.offset, item.record, out, now)
+                s.hole = (s.next_seq, item.seq)
+                self._restart(s, item.seq)
+            self._append(key, s, item, out, now)
+        s.stash_bytes = 0
         self._stashing.discard(key)
 
     # -- housekeeping --------------------------------------------------------------------------
@@ -231,13 +339,22 @@ class Windower:
             evicted.append(self._evict(key))
         return out, evicted
 
-    def _evict_over_capacity(self) -> list[SensorKey]:
-        return [self._evict(next(iter(self._sensors))) for _ in range(len(self._sensors) - self.max_sensors)]
+    def _make_room(self, now: float) -> list[SensorKey]:
+        """Room for one more sensor: evict the least recently seen if it has idled long enough."""
+        if len(self._sensors) < self.max_sensors:
+            return []
+        key, oldest = next(iter(self._sensors.items()))
+        if now - oldest.last_seen < self.evict_min_idle_s:
+            self.stats.refused_records += 1
+            raise SensorLimit(f"{self.max_sensors} sensors are live and none has idled "
+                              f"{self.evict_min_idle_s:g} s")
+        return [self._evict(key)]
 
     def _evict(self, key: SensorKey) -> SensorKey:
-        del self._sensors[key]
+        s = self._sensors.pop(key)
         self._stashing.discard(key)
         self.stats.evicted_sensors += 1
+        self.stats.evicted_samples += max(0, s.next_seq - s.wstart) + sum(len(i.values) for i in s.stash)
         return key
 
     def drop_partitions(self, partitions: set[int]) -> None:
@@ -265,3 +382,7 @@ class Windower:
         """(next window start, next expected seq) of a sensor, for tests and debugging."""
         s = self._sensors.get(key)
         return None if s is None else (s.wstart, s.next_seq)
+
+    def memory_bytes(self) -> int:
+        """Bytes of sample data held (buffers, recent samples, stashes): what the bounds bound."""
+        return sum(s.buffer.nbytes + s.recent.nbytes + s.stash_bytes for s in self._sensors.values())
