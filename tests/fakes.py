@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -212,6 +213,7 @@ class FakeScorer:
         self.threshold = threshold
         self.model_version = "fake-model"
         self.device = "cpu"
+        self.artefact = SimpleNamespace(metadata={})  # no "windowing": fixed windows under MONITOR_WINDOWING=auto
 
     def score(self, windows: np.ndarray) -> np.ndarray:
         errors: np.ndarray = np.asarray(windows, dtype=np.float64).reshape(len(windows), -1).mean(axis=1)
