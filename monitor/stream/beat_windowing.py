@@ -47,7 +47,7 @@ from scipy import signal as sps
 
 from monitor.stream.beats import BeatConvention, Polarity, segment
 from monitor.stream.rpeaks import BeatSpan, DetectorConfig, OnlineRPeakDetector
-from monitor.stream.windowing import SensorKey, Window, WindowStats
+from monitor.stream.windowing import Segment, SensorKey, Window, WindowStats
 from monitor.stream.wire import InputRecord, InvalidRecord
 
 FloatArray = npt.NDArray[np.float64]
@@ -146,6 +146,7 @@ class BeatWindower:
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
         self.stats = BeatStats()
+        self.new_segments: list[Segment] = []  # since the caller last took them (it logs them)
         self._sensors: OrderedDict[SensorKey, _Sensor] = OrderedDict()  # least recently seen first
         self._stashing: set[SensorKey] = set()
 
@@ -166,16 +167,16 @@ class BeatWindower:
         evicted: list[SensorKey] = []
         out: list[Window] = []
         if sensor is None:
-            sensor = self._sensors[key] = self._new_sensor(fs, record.seq, now, "start")
+            sensor = self._sensors[key] = self._new_sensor(key, fs, record.seq, now, "start")
             evicted = self._evict_over_capacity()
         else:
             self._sensors.move_to_end(key)
             sensor.last_seen = now
             if fs != sensor.fs:
                 self._close_hole(key, sensor, out)  # the stash belongs to the old rate
-                sensor = self._sensors[key] = self._new_sensor(fs, record.seq, now, "fs_change")
+                sensor = self._sensors[key] = self._new_sensor(key, fs, record.seq, now, "fs_change", sensor)
             elif record.seq < sensor.next_seq - int(self.reset_after_s * fs):
-                sensor = self._sensors[key] = self._new_sensor(fs, record.seq, now, "reset")
+                sensor = self._sensors[key] = self._new_sensor(key, fs, record.seq, now, "reset", sensor)
                 self._stashing.discard(key)
         if record.seq > sensor.next_seq:
             item = _Stashed(record.seq, offset, record, now)
@@ -190,8 +191,11 @@ class BeatWindower:
             self._drain(key, sensor, out, now)
         return out, evicted
 
-    def _new_sensor(self, fs: float, seq: int, now: float, reason: str) -> _Sensor:
+    def _new_sensor(self, key: SensorKey, fs: float, seq: int, now: float, reason: str,
+                    previous: _Sensor | None = None) -> _Sensor:
         setattr(self.stats, f"{reason}_segments", getattr(self.stats, f"{reason}_segments") + 1)
+        if previous is not None:
+            self.new_segments.append(Segment(key, reason, previous.next_seq, seq))
         # origin 0 for every segment: a detector rebuilt by a replay agrees with the original (see module doc)
         detector = OnlineRPeakDetector(fs, self.convention, origin_seq=0, start_seq=seq,
                                        config=self.detector_config)
@@ -275,7 +279,7 @@ class BeatWindower:
         for item in stash:
             if item.seq > s.next_seq:
                 self.stats.gaps += 1
-                s = self._sensors[key] = self._new_sensor(s.fs, item.seq, s.last_seen, "gap")
+                s = self._sensors[key] = self._new_sensor(key, s.fs, item.seq, s.last_seen, "gap", s)
             self._append(key, s, item.offset, item.record, out, now)
 
     # -- housekeeping --------------------------------------------------------------------------
@@ -321,6 +325,11 @@ class BeatWindower:
             if offsets and min(offsets) < needed.get(partition, min(offsets) + 1):
                 needed[partition] = min(offsets)
         return needed
+
+    def memory_bytes(self) -> int:
+        """Bytes of sample data held (detector buffers, QRS snippets, stashed records), roughly."""
+        return sum(8 * (s.detector.buffered_samples + sum(len(q) for q, _ in s.qrs)
+                        + sum(len(item.record.values) for item in s.stash)) for s in self._sensors.values())
 
     def buffered(self, key: SensorKey) -> tuple[int, int] | None:
         """(earliest seq still needed, next expected seq) of a sensor, for tests and debugging."""
