@@ -60,7 +60,6 @@ class Metrics:
         self.kafka_errors = Counter(f"{p}_kafka_errors_total", "Kafka operations that failed and were retried, by operation", ["operation"], registry=r)
         # reliability round 2 (issue 12)
         self.unproducible_outputs = Counter(f"{p}_unproducible_outputs_total", "Output records that can never be produced (dead letters: dropped; alerts, scores: retried), by topic kind and reason", ["topic", "reason"], registry=r)
-        self.segments = Counter(f"{p}_segments_total", "New segments of a sensor's seq (reset: seq went back, e.g. a reboot; jump: seq far ahead), by reason", ["reason"], registry=r)
         self.non_finite_scores = Counter(f"{p}_non_finite_scores_total", "Windows whose score was not finite (skipped: no policy, no score record, not in the error histogram)", registry=r)
         self.evicted_samples = Counter(f"{p}_evicted_samples_total", "Buffered samples of evicted sensors that never completed a window", registry=r)
         self.backpressure_pauses = Counter(f"{p}_backpressure_pauses_total", "Times fetching paused because the pending-window queue was full", registry=r)
@@ -85,8 +84,6 @@ class Metrics:
         for reason in _reject_reasons():
             self.invalid_records.labels(reason=reason)
         self.invalid_records.labels(reason="over_capacity")
-        for reason in ("reset", "jump"):
-            self.segments.labels(reason=reason)
         for reason in SEGMENT_REASONS:
             self.segments_started.labels(reason=reason)
         for state in ("firing", "resolved", "signal_quality"):
