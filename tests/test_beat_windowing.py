@@ -1,0 +1,176 @@
+"""BeatWindower: one window per heartbeat, the same whatever the record sizes, after a restart from the commit,
+and the same as segmenting the recording offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitor.stream.beat_windowing import POLARITY_BEATS, BeatWindow, BeatWindower, convention_of
+from monitor.stream.beats import BeatConvention, estimate_polarity, segment
+from monitor.stream.rpeaks import OnlineRPeakDetector
+from monitor.stream.wire import InputRecord, InvalidRecord
+
+MITDB_100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb-100" / "100"
+FS = 360.0
+CONVENTION = BeatConvention()
+
+pytest.importorskip("sleepecg")
+
+
+@pytest.fixture(scope="module")
+def signal() -> np.ndarray:
+    """Two minutes of record 100, lead MLII, 360 Hz, in mV."""
+    wfdb = pytest.importorskip("wfdb")
+    if not MITDB_100.with_suffix(".hea").exists():
+        pytest.skip("MIT-BIH record 100 is not available")
+    return wfdb.rdrecord(str(MITDB_100), sampto=int(120 * FS)).p_signal[:, 0].astype(np.float64)
+
+
+def records(x: np.ndarray, size: int, *, sensor: str = "s1", seq0: int = 0, fs: float | None = FS,
+            first: int = 0) -> list[tuple[int, InputRecord]]:
+    """(offset, record) pairs, offsets counting records from `first`."""
+    return [(first + i, InputRecord(sensor_id=sensor, seq=seq0 + start, values=x[start:start + size].tolist(), fs=fs))
+            for i, start in enumerate(range(0, len(x), size))]
+
+
+def feed(windower: BeatWindower, stream: list[tuple[int, InputRecord]]) -> list[BeatWindow]:
+    out: list[BeatWindow] = []
+    for offset, record in stream:
+        windows, _ = windower.add(0, offset, record)
+        out.extend(w for w in windows if isinstance(w, BeatWindow))
+    return out
+
+
+def new_windower(**kwargs) -> BeatWindower:
+    return BeatWindower(CONVENTION, clock=lambda: 0.0, **kwargs)
+
+
+def test_the_same_beats_whatever_the_record_sizes(signal) -> None:
+    runs = {size: feed(new_windower(), records(signal, size)) for size in (1, 36, 3600)}
+    reference = runs[3600]
+    assert len(reference) > 100
+    for size, beats in runs.items():
+        assert [w.r_peak_seq for w in beats] == [w.r_peak_seq for w in reference], size
+        assert [(w.start_seq, w.end_seq) for w in beats] == [(w.start_seq, w.end_seq) for w in reference]
+        assert all(np.array_equal(a.values, b.values) for a, b in zip(beats, reference, strict=True))
+
+
+def test_streamed_beats_equal_offline_segmentation(signal) -> None:
+    """The detector run once over the whole recording, one polarity for it, segment(): the same windows, except
+    the first beats, which only set the stream's polarity."""
+    streamed = feed(new_windower(), records(signal, 36))
+    spans = OnlineRPeakDetector(FS, CONVENTION).push(0, signal)
+    peaks = [s.r_peak for s in spans] + [spans[-1].next_r_peak]
+    offline = segment(signal, FS, peaks, CONVENTION, polarity=estimate_polarity(signal, FS, peaks))
+    by_peak = {int(r): i for i, r in enumerate(offline.r_peak)}
+    assert [w.r_peak_seq for w in streamed] == [int(r) for r in offline.r_peak[POLARITY_BEATS - 1:]]
+    for w in streamed:
+        i = by_peak[w.r_peak_seq]
+        assert (w.start_seq, w.end_seq) == (offline.start[i], offline.end[i])
+        assert w.rr_s == pytest.approx(offline.rr_s[i])
+        np.testing.assert_allclose(w.values, offline.windows[i], atol=1e-5)
+        assert w.values.shape == (CONVENTION.length,) and w.raw.shape == (w.end_seq - w.start_seq,)
+
+
+def test_an_inverted_lead_gives_the_same_beats(signal) -> None:
+    upright = feed(new_windower(), records(signal, 360))
+    inverted = feed(new_windower(), records(-signal, 360))
+    assert [w.r_peak_seq for w in inverted] == [w.r_peak_seq for w in upright]
+    for a, b in zip(inverted, upright, strict=True):
+        np.testing.assert_allclose(a.values, b.values, atol=1e-5)
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.55, 0.8])
+def test_a_restart_from_the_commit_recreates_every_later_beat(signal, cut: float) -> None:
+    """Commit what the windower still needs (all beats emitted so far published), restart there: every beat the
+    uninterrupted run emits after that point comes out again, identical; earlier ones at most repeated."""
+    stream = records(signal, 50)
+    first = new_windower()
+    split = int(cut * len(stream))
+    before = feed(first, stream[:split])
+    commit = first.needed_offsets()[0]
+    after = feed(first, stream[split:])
+    assert stream[split][0] - commit < 40 * FS / 50  # the commit lags by about 15 beats plus 10 s, not more
+
+    replayed = feed(new_windower(), stream[commit:])
+    by_peak = {w.r_peak_seq: w for w in replayed}
+    for w in after:
+        again = by_peak[w.r_peak_seq]
+        assert (again.start_seq, again.end_seq) == (w.start_seq, w.end_seq)
+        np.testing.assert_array_equal(again.values, w.values)
+        assert again.first_offset >= commit
+    published = {w.r_peak_seq: w for w in before}
+    for peak, w in by_peak.items():
+        if peak in published:
+            np.testing.assert_array_equal(w.values, published[peak].values)
+
+
+def test_each_window_needs_no_record_before_its_first_offset(signal) -> None:
+    """A window's first_offset is where a replay must start to cut it again (what the batcher holds)."""
+    stream = records(signal, 100)
+    beats = feed(new_windower(), stream)
+    for w in beats[::25]:
+        replayed = feed(new_windower(), stream[w.first_offset:])
+        assert w.r_peak_seq in {b.r_peak_seq for b in replayed}
+
+
+def test_gaps_resets_and_rate_changes_start_new_segments(signal) -> None:
+    windower = new_windower()
+    minute = int(60 * FS)
+    feed(windower, records(signal[:minute], 360))
+    # 5 s missing, then the rest: a gap (after the reorder stash fills up)
+    later = records(signal[minute + int(5 * FS):], 360, seq0=minute + int(5 * FS), first=1000)
+    after_gap = feed(windower, later)
+    assert windower.stats.gap_segments == 1 and windower.stats.start_segments == 1
+    assert after_gap and after_gap[0].r_peak_seq > minute + int(12.5 * FS)  # 7.5 s detector warm-up + polarity
+    # the device reboots: seq back to 0
+    feed(windower, records(signal[:minute], 360, first=2000))
+    assert windower.stats.reset_segments == 1
+    # the same sensor at another rate
+    feed(windower, records(signal[:3600], 360, seq0=10 * minute, fs=250.0, first=3000))
+    assert windower.stats.fs_change_segments == 1
+    assert [s.reason for s in windower.new_segments] == ["gap", "reset", "fs_change"]
+
+
+def test_duplicates_are_dropped_not_a_reset(signal) -> None:
+    windower = new_windower()
+    stream = records(signal[: int(30 * FS)], 360)
+    feed(windower, stream)
+    feed(windower, stream[-5:])  # re-sent records within the last 10 s
+    assert windower.stats.duplicate_samples == 5 * 360
+    assert windower.stats.reset_segments == 0
+
+
+def test_records_without_fs_use_the_default_or_are_refused(signal) -> None:
+    no_fs = records(signal[: int(20 * FS)], 360, fs=None)
+    with pytest.raises(InvalidRecord) as refused:
+        feed(new_windower(), no_fs[:1])
+    assert refused.value.reason == "schema"
+    defaulted = feed(new_windower(default_fs=FS), no_fs)
+    assert defaulted and [w.r_peak_seq for w in defaulted] == [
+        w.r_peak_seq for w in feed(new_windower(), records(signal[: int(20 * FS)], 360))]
+
+
+def test_memory_and_the_commit_stay_bounded(signal) -> None:
+    windower = new_windower()
+    sizes, lags = [], []
+    for offset, record in records(np.tile(signal, 3), 360):  # 6 minutes
+        windower.add(0, offset, record)
+        sizes.append(windower.memory_bytes())
+        lags.append(offset - windower.needed_offsets()[0])
+    assert max(sizes) < 8 * 30 * FS  # under 30 s of float64 samples
+    assert max(lags[len(lags) // 2:]) <= 40  # records of 1 s: about 15 beats plus the detector's 10 s
+
+
+def test_the_windowing_mode_and_the_artefact_convention() -> None:
+    beats = CONVENTION.to_dict()
+    assert convention_of(None, "auto", 140) is None  # an artefact from before beat windows
+    assert convention_of({"kind": "fixed"}, "auto", 140) is None
+    assert convention_of(beats, "auto", 140) == CONVENTION
+    assert convention_of(beats, "fixed", 140) is None
+    assert convention_of({"kind": "fixed"}, "beats", 96) == BeatConvention(length=96)
+    with pytest.raises(ValueError, match="length"):
+        convention_of(beats, "beats", 96)
