@@ -131,7 +131,7 @@ def test_memory_is_bounded(record_100) -> None:
         detector.push(seq, signal[seq : seq + 360])
         most = max(most, detector.buffered_samples)
     cfg = detector.config
-    bound = (cfg.window_s + cfg.step_s + CONVENTION.margin_s + cfg.max_rr_s + 1.0) * 360
+    bound = (cfg.window_s + cfg.votes * cfg.step_s + CONVENTION.margin_s + cfg.max_rr_s + 1.0) * 360
     assert most <= bound
     assert detector.lowest_needed_seq >= len(signal) - bound
 
