@@ -219,3 +219,14 @@ def test_cli_replays_a_wfdb_record_with_records_of_the_requested_duration(broker
         values = np.concatenate([r.values for r in mine])
         start = i * 60 * 360  # sensor i starts i minutes into the record
         assert np.allclose(values, signal[start:start + len(values)])
+
+
+@pytest.mark.parametrize("command, flags", [("replay", ("RECORD.hea", "--lead", "--record-ms", "--offset-s")),
+                                            ("demo", ("RECORD.hea", "--lead", "--record-ms"))])
+def test_help_describes_wfdb_records(command, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in flags:
+        assert flag in text, flag
