@@ -513,6 +513,10 @@ def test_k8s_replicas_do_not_exceed_input_partitions(monkeypatch):
     assert 1 <= objects[("Deployment", "ecg-monitor")]["spec"]["replicas"] <= partitions
     for topic in ("MONITOR_ALERTS_TOPIC", "MONITOR_DLQ_TOPIC"):
         assert f'"${topic}"' in script
+    # per-sensor state is partitioned like the input (the daemon refuses to start otherwise)
+    state = next(line for line in script.splitlines() if '"$MONITOR_STATE_TOPIC"' in line and "--create" in line)
+    assert int(re.search(r"--partitions (\d+)", state).group(1)) == partitions
+    assert "--config cleanup.policy=compact" in state and settings.state_topic == "ecg.monitor.state"
 
 
 def _topic_creations(script: str) -> list[dict]:
@@ -533,7 +537,7 @@ def test_k8s_topics_are_replicated_three_times_with_two_in_sync_replicas_require
     script = objects[("Job", "ecg-kafka-topics")]["spec"]["template"]["spec"]["containers"][0]["args"][0]
     creations = _topic_creations(script)
     assert {c["topic"] for c in creations} == {'"$MONITOR_INPUT_TOPIC"', '"$MONITOR_ALERTS_TOPIC"',
-                                               '"$MONITOR_DLQ_TOPIC"'}
+                                               '"$MONITOR_DLQ_TOPIC"', '"$MONITOR_STATE_TOPIC"'}
     for creation in creations:
         assert creation["replication"] == 3 and creation["configs"].get("min.insync.replicas") == "2", creation
         assert re.search(rf"--alter --entity-type topics --entity-name {re.escape(creation['topic'])} "
@@ -541,8 +545,13 @@ def test_k8s_topics_are_replicated_three_times_with_two_in_sync_replicas_require
 
 
 def test_compose_topics_on_its_single_broker_require_one_in_sync_replica():
-    creations = _topic_creations("\n".join(compose()["services"]["kafka-init"]["command"]))
-    assert len(creations) == 3
+    script = "\n".join(compose()["services"]["kafka-init"]["command"])
+    creations = _topic_creations(script)
+    assert len(creations) == 4
+    by_topic = {c["topic"]: c for c in creations}
+    assert by_topic["ecg.monitor.state"]["configs"]["cleanup.policy"] == "compact"
+    partitions = dict(re.findall(r"--topic (\S+) --partitions (\S+)", script))
+    assert partitions["ecg.monitor.state"] == partitions["ecg.samples"]  # state is partitioned like the input
     for creation in creations:  # 2 would refuse every acks=all write on one broker
         assert creation["replication"] == 1 and creation["configs"].get("min.insync.replicas") == "1", creation
 

@@ -51,7 +51,10 @@ def test_every_setting_is_in_the_configuration_table_with_its_default(name):
         assert documented.startswith("("), f"{variable}: docs default {documented!r}, code has none"
     else:
         text = documented.strip("`")
-        same = float(text) == default if isinstance(default, (int, float)) else text == str(default)
+        if isinstance(default, bool):  # documented as the env value: true / false
+            same = text == str(default).lower()
+        else:
+            same = float(text) == default if isinstance(default, (int, float)) else text == str(default)
         assert same, f"{variable}: docs say {documented}, code says {default}"
 
 

@@ -68,7 +68,7 @@ def check_broker(settings: MonitorSettings, timeout_s: float, problems: list[str
     try:
         existing = consumer.topics()
         topics = {}
-        for role in ("input_topic", "alerts_topic", "dlq_topic", "scores_topic"):
+        for role in ("input_topic", "alerts_topic", "dlq_topic", "scores_topic", "state_topic"):
             name = getattr(settings, role)
             if not name:
                 continue
@@ -76,6 +76,10 @@ def check_broker(settings: MonitorSettings, timeout_s: float, problems: list[str
             topics[role] = {"name": name, "partitions": len(partitions) if partitions else None}
             if not partitions:
                 problems.append(f"topic {name!r} ({role}) does not exist; create it (operators own topics)")
+        state, inputs = topics["state_topic"]["partitions"], topics["input_topic"]["partitions"]
+        if state and inputs and state != inputs:  # the daemon refuses to start then
+            problems.append(f"the state topic {settings.state_topic!r} has {state} partitions, the input topic "
+                            f"{inputs}: they must be equal (per-sensor state is partitioned like the input)")
         return {"bootstrap_servers": settings.bootstrap_servers, "topics": topics}
     except KafkaError as exc:
         problems.append(f"broker {settings.bootstrap_servers}: {type(exc).__name__}: {exc}")
