@@ -6,7 +6,7 @@ Every continuous source (a WFDB record, a synthetic recording) is cut by `segmen
 polarity per recording, so its beats look like ECG5000's (negative dominant QRS, R at 3/140).
 
     python -m trainer.sources --out monitor/models/default.pt --ecg5000 ../shared/data/ECG5000 \
-        --record ../shared/data/mitdb-100/100 --synthetic 24
+        --record ../shared/data/mitdb-100/100 --synthetic 8
 
 docs/model-card.md has the recipe, why it was chosen, and the figures of the shipped model.
 """
@@ -61,6 +61,7 @@ class Sources:
 
     convention: BeatConvention
     beats: dict[str, np.ndarray] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)  # how the beats were chosen (split seeds, ...)
 
     def describe(self) -> dict[str, int]:
         return {name: int(len(b)) for name, b in self.beats.items()}
@@ -140,6 +141,7 @@ def collect(convention: BeatConvention, *, ecg5000: str | Path | None = None, ec
         labels = data_mod.load(Path(ecg5000)).labels
         train_rows, _, _ = split_indices(labels, "1", ecg5000_seed)
         sources.beats["ecg5000"] = ecg5000_normals(ecg5000, train_rows)
+        sources.notes["ecg5000_split_seed"] = ecg5000_seed
     for path in records:
         recording = read_wfdb(path)
         sources.beats[recording.name] = recording_beats(recording, convention)
@@ -154,13 +156,13 @@ class Recipe:
 
     embedding_dim: int = 16
     hidden_dim: int = 32
-    epochs: int = 15
+    epochs: int = 25
     batch_size: int = 32
     lr: float = 3e-3
     val_fraction: float = 0.15
     threshold_percentile: float = 99.0
-    max_beats_per_source: int | None = 1000
-    augmentation: augment_mod.Augmentation = augment_mod.Augmentation()
+    max_beats_per_source: int | None = None
+    augmentation: augment_mod.Augmentation = augment_mod.Augmentation(repolarisation_flip=0.5)
 
 
 def train_val(sources: Sources, recipe: Recipe, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +196,7 @@ def fit_sources(sources: Sources, recipe: Recipe = Recipe(), seed: int = 0, prog
     artefact.threshold_method = {"method": "percentile", "percentile": recipe.threshold_percentile}
     artefact.metadata = json.loads(json.dumps({
         "windowing": sources.convention.to_dict(),
-        "data": {"sources": sources.describe(), "train": len(train), "val": len(val)},
+        "data": {"sources": sources.describe(), "train": len(train), "val": len(val), **sources.notes},
         "recipe": {**{k: v for k, v in vars(recipe).items() if k != "augmentation"},
                    "augmentation": recipe.augmentation.to_dict(), "seed": seed},
         "training": {"best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss,
@@ -210,13 +212,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="model artefact to write")
     parser.add_argument("--ecg5000", type=Path, help="ECG5000 directory (its train split's normals are used)")
     parser.add_argument("--record", action="append", default=[], help="WFDB record path without extension")
-    parser.add_argument("--synthetic", type=int, default=24, help="synthetic patients (60 s each)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ecg5000-seed", type=int, default=42, help="seed of ECG5000's train/val/test split")
+    parser.add_argument("--synthetic", type=int, default=8, help="synthetic patients (60 s each)")
+    parser.add_argument("--synthetic-seed", type=int, help="seed of the synthetic patients (default: --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the per-source split, weights, order, augmentation")
     parser.add_argument("--epochs", type=int, default=Recipe.epochs)
     args = parser.parse_args(argv)
     convention = BeatConvention()
-    sources = collect(convention, ecg5000=args.ecg5000, records=args.record, n_synthetic=args.synthetic,
-                      seed=args.seed)
+    synthetic_seed = args.seed if args.synthetic_seed is None else args.synthetic_seed
+    sources = collect(convention, ecg5000=args.ecg5000, ecg5000_seed=args.ecg5000_seed, records=args.record,
+                      n_synthetic=args.synthetic, seed=synthetic_seed)
     artefact, fit = fit_sources(sources, Recipe(epochs=args.epochs), seed=args.seed, progress=True)
     path = artefact.save(args.out)
     print(json.dumps({"out": str(path), "bytes": path.stat().st_size, "threshold": artefact.threshold,
