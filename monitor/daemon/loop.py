@@ -146,6 +146,7 @@ class Monitor:
 
     def run(self) -> int:
         self.subscribe()
+        self._check_outputs()  # before the first poll: not ready, and nothing sent, while one is missing
         log.info("monitor running", extra={"input_topic": self.settings.input_topic,
                                            "group_id": self.settings.group_id,
                                            "model_version": self.scorer.model_version})
