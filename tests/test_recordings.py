@@ -4,7 +4,11 @@ evaluate on the whole record (per-class figures, R peaks, the alert policy), the
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -15,6 +19,7 @@ from monitor.core.artefact import Artefact
 from monitor.core.model import LSTMAutoencoder, ModelConfig
 from monitor.stream.beats import BeatConvention
 from monitor.stream.policy import ScorePolicyConfig
+from monitor.tools.demo import SHIPPED_MODEL
 from trainer import recordings
 from trainer.cli import build_parser, main
 from trainer.data import DataError
@@ -95,7 +100,8 @@ def test_a_signal_file_with_fs_is_one_continuous_lead(record_100, tmp_path, suff
     (rec,) = recordings.read(path, fs=360.0)
     assert rec.fs == 360.0 and rec.annotations is None and np.allclose(rec.signal, x)
     cut = recordings.cut(rec, BeatConvention())
-    assert 65 <= len(cut.beats) <= 80 and set(cut.labels) == {"N"}  # no annotations: every beat is normal
+    # about 75 beats, less the 14 that only set the polarity (as in the daemon); no annotations: all normal
+    assert 45 <= len(cut.beats) <= 65 and set(cut.labels) == {"N"}
 
 
 def test_a_multi_column_table_needs_lead_and_a_signal_file_needs_fs(tmp_path):
@@ -149,7 +155,7 @@ def test_evaluate_on_record_100_gives_per_class_figures_and_r_peak_accuracy(fitt
     assert not result["trained_on_this_data"]
     (rec,) = result["recordings"]
     assert set(rec["per_class"]) == {"N", "S", "V"}
-    assert rec["per_class"]["N"]["n"] >= 2200 and rec["per_class"]["S"]["n"] == 33
+    assert rec["per_class"]["N"]["n"] >= 2200 and rec["per_class"]["S"]["n"] >= 30  # 33, less the warm-up
     assert 0 <= rec["per_class"]["S"]["auroc_vs_normal"] <= 1 and 0 <= rec["per_class"]["V"]["rate"] <= 1
     assert rec["rpeaks"]["sensitivity"] >= 0.995 and rec["rpeaks"]["ppv"] >= 0.995
     stream = rec["stream"]
@@ -175,3 +181,29 @@ def test_help_describes_recordings_and_the_false_alert_budget(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for flag in flags:
             assert flag in text, (command, flag)
+
+
+# -- the demo on a real recording --------------------------------------------------------------------------
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_the_demo_streams_a_recording_end_to_end_with_a_model_of_its_own(excerpt, tmp_path):
+    """No --model and no shipped one: the demo trains a beats model from the record (cached), streams it to
+    two sensors through the real broker and daemon, and summarises; nothing is left running."""
+    command = [sys.executable, "-m", "monitor", "demo", "--source", str(excerpt), "--sensors", "2",
+               "--duration", "60", "--rate", "max", "--record-ms", "100", "--cache-dir", str(tmp_path),
+               "--metrics-port", "0", "--json"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads(result.stdout)
+    assert summary["recording"] == "ex100:MLII" and summary["fs"] == 360 and summary["sensors"] == 2
+    assert summary["records_sent"] == 2 * 60 * 10  # 100 ms records
+    # one window per beat in beats mode (75 bpm; the daemon scores none for the first seconds of a sensor)
+    assert 2 * 30 <= summary["windows_scored"] <= 2 * 80
+    assert 60 <= summary["heart_rate_bpm"] <= 90 and not summary["interrupted"]
+    model = Path(summary["model"]["path"])
+    assert model == SHIPPED_MODEL or model == tmp_path / "models" / "demo-ex100-lead0.pt"
+    for address in (summary["bootstrap"], f"127.0.0.1:{urlparse(summary['metrics_url']).port}"):
+        host, port = address.rsplit(":", 1)
+        with pytest.raises(OSError):
+            socket.create_connection((host, int(port)), timeout=1).close()

@@ -1,10 +1,11 @@
 """Continuous ECG recordings for the trainer: WFDB records and single-lead CSV / Parquet / NPY signals.
 
-A recording goes through exactly what the daemon does to a sensor's stream: R peaks from the daemon's own
-online detector (`OnlineRPeakDetector`, fed the whole signal at once: it commits the same peaks whatever
-the chunking), one QRS polarity per recording (`estimate_polarity` on its first beats), and beats cut by the
-shared segmenter (`monitor.stream.beats.segment`) in the artefact's convention. So a model trained here sees
-the beats the daemon will score.
+A recording goes through exactly what the daemon does to a sensor's stream: the daemon's own beat windower
+(`monitor.stream.beat_windowing.BeatWindower`: R peaks by `OnlineRPeakDetector`, the polarity of each beat
+from the median QRS of its last 15, beats cut by the shared segmenter `monitor.stream.beats.segment` in the
+convention), fed the whole signal as one record of a sensor whose seq starts at 0. Both are invariant to the
+record sizes, so a model trained here sees the beats the daemon will score, and `evaluate` scores the same
+beats as a stream of the recording through the daemon (the first 14 beats only set the polarity there too).
 
 With WFDB reference annotations (`.atr`), each detected beat takes the AAMI class (N, S, V, F, Q) of the
 reference beat within 150 ms of its R peak; detections that match no reference beat are UNMATCHED. Without
@@ -21,8 +22,10 @@ import pandas as pd
 import wfdb
 from wfdb.processing import compare_annotations
 
-from monitor.stream.beats import BeatConvention, Beats, Polarity, estimate_polarity, segment
+from monitor.stream.beat_windowing import BeatWindow, BeatWindower
+from monitor.stream.beats import BeatConvention, Beats, Polarity, estimate_polarity
 from monitor.stream.rpeaks import OnlineRPeakDetector
+from monitor.stream.wire import InputRecord
 from trainer.data import DataError, Dataset, digest
 from trainer.streams import AAMI  # MIT-BIH beat symbol -> AAMI class; other symbols are not beats
 
@@ -180,13 +183,26 @@ def detect_r_peaks(signal: np.ndarray, fs: float, convention: BeatConvention) ->
     return np.asarray(sorted(peaks), dtype=np.int64)
 
 
+def stream_beats(recording: Recording, convention: BeatConvention) -> Beats:
+    """The beats the daemon's windower cuts from this recording streamed as one sensor from seq 0."""
+    windower = BeatWindower(convention)
+    record = InputRecord(sensor_id="recording", seq=0, values=recording.signal.tolist(), fs=recording.fs)
+    windows = [w for w in windower.add(0, 0, record)[0] if isinstance(w, BeatWindow)]
+    return Beats(windows=np.asarray([w.values for w in windows], dtype=np.float32).reshape(-1, convention.length),
+                 r_peak=np.asarray([w.r_peak_seq for w in windows], dtype=np.int64),
+                 start=np.asarray([w.start_seq for w in windows], dtype=np.int64),
+                 end=np.asarray([w.span_end for w in windows], dtype=np.int64),
+                 rr_s=np.asarray([w.rr_s for w in windows], dtype=np.float64))
+
+
 def cut(recording: Recording, convention: BeatConvention) -> RecordingBeats:
-    """Detect, estimate the polarity, segment, label."""
+    """Beats as the daemon cuts them, labelled; every committed R peak (for R-peak scoring); the recording's
+    dominant QRS sign (for the report: the daemon decides it per beat from the last 15)."""
     peaks = detect_r_peaks(recording.signal, recording.fs, convention)
     if len(peaks) < 2:
         raise DataError(f"{recording.name}: fewer than two R peaks detected in {recording.duration_s:.0f} s")
+    beats = stream_beats(recording, convention)
     polarity = estimate_polarity(recording.signal, recording.fs, peaks)
-    beats = segment(recording.signal, recording.fs, peaks, convention, polarity=polarity)
     return RecordingBeats(recording, beats, label_beats(beats.r_peak, recording.annotations, recording.fs),
                           peaks, polarity)
 
