@@ -219,17 +219,29 @@ def test_a_record_re_read_at_an_offset_already_consumed_is_a_redelivery():
     assert windows == [] and w.stats.reset_segments == 0 and w.buffered((0, "s1")) == (0, 6)
 
 
-def test_one_record_with_seq_1e18_does_not_blind_the_sensor():
+def test_one_record_with_seq_1e18_does_not_blind_the_sensor_nor_cost_a_window():
     """Before: the hole closed by jumping to 10**18 and every later normal record was a duplicate."""
     clock = FakeClock()
     w = Windower(L, max_seq_gap=10 * L, clock=clock)
-    windows = feed(w, chunked(BEAT, [8] * 2))
-    bogus, _ = w.add(0, 2, rec(10**18, BEAT[:4]))
+    chunks = chunked(BEAT, [4] * 8)
+    windows = feed(w, chunks[:3])  # mid-window: samples 8..11 of window [8, 16) are buffered
+    bogus, _ = w.add(0, 3, rec(10**18, BEAT[:4]))
+    assert w.needed_offsets() == {0: 2}  # the parked segment still holds the commit
     clock.now = 60.0
     w.sweep()
-    windows += feed(w, chunked(BEAT, [8] * 4)[2:], first_offset=3)
+    windows += feed(w, chunks[3:], first_offset=4)  # the stream goes on where it was
     assert starts(bogus) == [] and starts(windows) == [0, 8, 16, 24]
-    assert (w.stats.jump_segments, w.stats.reset_segments) == (1, 1)
+    for window in windows:
+        np.testing.assert_array_equal(window.values, BEAT[window.start_seq:window.end_seq])
+    assert (w.stats.jump_segments, w.stats.reset_segments) == (1, 0)
+
+
+def test_after_a_jump_a_record_that_does_not_continue_the_stream_is_a_reset():
+    w = Windower(L, max_seq_gap=10 * L)
+    feed(w, chunked(BEAT, [4] * 3))
+    w.add(0, 3, rec(10**18, BEAT[:4]))
+    windows = feed(w, chunked(BEAT * 3, [4] * 4), first_offset=4)  # seq 0 again: a reboot
+    assert starts(windows) == [0, 8] and (w.stats.jump_segments, w.stats.reset_segments) == (1, 1)
 
 
 def test_the_reorder_stash_is_bounded_in_bytes():

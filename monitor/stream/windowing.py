@@ -12,8 +12,10 @@ state follows its partition):
   consumed: it repeats one of the sensor's recent records (seq, length and CRC-32 of its
   samples) or its overlap with the last 2L consumed samples is equal. Anything else is a
   *reset* (a device that rebooted starts again at seq 0): a new segment starts at that record;
-- a record more than `max_seq_gap` samples ahead is a *jump*: a new segment starts at once (one
-  bogus seq such as 10**18 no longer blinds the sensor; the next normal record is a reset);
+- a record more than `max_seq_gap` samples ahead is a *jump*: a new segment starts at once, and
+  the segment it left is parked: a later record that continues it exactly (seq = its next seq)
+  resumes it, partial window and all. So one bogus seq such as 10**18 costs no window (before, it
+  blinded the sensor for good); any other record below is a reset as above;
 - a record that starts ahead of the expected seq (within `max_seq_gap`) waits in a small reorder
   stash until the hole is filled (then it is counted as reordered); when the stash is full (in
   records or in bytes) or the hole is older than `reorder_timeout_s`, the hole is a gap: the
@@ -120,6 +122,17 @@ class _Stashed:
 
 
 @dataclass(slots=True)
+class _Parked:
+    """The segment a jump left, kept so that the stream can resume it."""
+
+    next_seq: int
+    wstart: int
+    buffer: np.ndarray
+    recent: np.ndarray
+    segments: deque[tuple[int, int]]
+
+
+@dataclass(slots=True)
 class _Sensor:
     buffer: np.ndarray  # samples [wstart, next_seq) live in buffer[:next_seq - wstart]
     next_seq: int  # seq of the next sample expected
@@ -134,6 +147,7 @@ class _Sensor:
     digests: deque[tuple[int, int, int]] = field(default_factory=lambda: deque(maxlen=RECENT_DIGESTS))
     stash: list[_Stashed] = field(default_factory=list)  # records ahead of next_seq
     stash_bytes: int = 0
+    parked: _Parked | None = None  # the segment before the last jump
 
 
 class Windower:
@@ -201,7 +215,9 @@ class Windower:
             else:
                 self._close_hole(key, sensor, out, extra=item)
             return out, evicted
-        if record.seq < sensor.next_seq and not self._consumed(sensor, record.seq, values):
+        if sensor.parked is not None and record.seq == sensor.parked.next_seq:
+            self._unpark(sensor)  # the stream goes on where it was before the jump
+        elif record.seq < sensor.next_seq and not self._consumed(sensor, record.seq, values):
             if sensor.hole[0] <= record.seq and record.end_seq <= sensor.hole[1]:
                 self.stats.duplicate_samples += len(values)  # late: its hole was already declared a gap
                 return out, evicted
@@ -235,10 +251,20 @@ class Windower:
         self.new_segments.append(Segment(key, reason, s.next_seq, item.seq))
         if reason == RESET:
             self.stats.reset_segments += 1
+            s.parked = None
         else:
             self.stats.jump_segments += 1
+            if s.parked is None:  # from a jump segment, keep the segment before the first jump
+                s.parked = _Parked(s.next_seq, s.wstart, s.buffer.copy(), s.recent, s.segments.copy())
         self._restart(s, item.seq)
         self._append(key, s, item, out, item.arrived)
+
+    @staticmethod
+    def _unpark(s: _Sensor) -> None:
+        parked, s.parked = s.parked, None
+        assert parked is not None
+        s.next_seq, s.wstart, s.buffer, s.recent, s.segments = (parked.next_seq, parked.wstart, parked.buffer,
+                                                                parked.recent, parked.segments)
 
     def _restart(self, s: _Sensor, seq: int) -> None:
         s.next_seq, s.wstart = seq, self._aligned(seq)
@@ -372,6 +398,8 @@ class Windower:
             offsets = [item.offset for item in s.stash]
             if s.segments:
                 offsets.append(s.segments[0][1])
+            if s.parked is not None and s.parked.segments:
+                offsets.append(s.parked.segments[0][1])
             if offsets:
                 low = min(offsets)
                 if low < needed.get(partition, low + 1):
@@ -385,4 +413,6 @@ class Windower:
 
     def memory_bytes(self) -> int:
         """Bytes of sample data held (buffers, recent samples, stashes): what the bounds bound."""
-        return sum(s.buffer.nbytes + s.recent.nbytes + s.stash_bytes for s in self._sensors.values())
+        return sum(s.buffer.nbytes + s.recent.nbytes + s.stash_bytes +
+                   (0 if s.parked is None else s.parked.buffer.nbytes + s.parked.recent.nbytes)
+                   for s in self._sensors.values())
