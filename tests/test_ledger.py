@@ -220,10 +220,6 @@ def windows_in(producer: FakeProducer, topic: str = SCORES) -> list[tuple[str, i
     return [(s["sensor_id"], s["window_start_seq"]) for s in map(json.loads, (v for _, v in producer.delivered(topic)))]
 
 
-def alert_ids(producer: FakeProducer) -> set[str]:
-    return {json.loads(v)["alert_id"] for _, v in producer.delivered(ALERTS)}
-
-
 def replay(rig: Rig) -> Rig:
     """A fresh monitor of the same group: it starts from the committed offsets and reads to the end."""
     again = make_rig(FakeConsumer(TOPIC, 3, committed=rig.consumer.group_committed, logs=rig.consumer.logs))
@@ -410,10 +406,10 @@ def check_restart(events: list[tuple], ending: str, **overrides: Any) -> None:
         assert history == sorted(history), (partition, history)
 
     # Without an eviction (which drops a sensor's partial window by design), the live run and
-    # the restart together publish exactly the windows and alert ids of one clean pass.
+    # the restart together publish exactly the windows of one clean pass. (Alert ids are not
+    # compared: they depend on per-sensor state, which a real restart or a rebalance restores
+    # from the state topic; these fakes run without one, so every sensor starts fresh.)
     if rig.monitor.windower.stats.evicted_sensors == 0:
         clean = replay(make_rig(FakeConsumer(TOPIC, 3, logs=rig.consumer.logs)))
-        everything = set(windows_in(clean.producer))
-        assert published | set(windows_in(again.producer)) == everything
-        assert alert_ids(rig.producer) | alert_ids(again.producer) == alert_ids(clean.producer)
+        assert published | set(windows_in(again.producer)) == set(windows_in(clean.producer))
 
