@@ -225,3 +225,23 @@ def expected_alert_ids(flags: Mapping[str, Iterable[bool]], window_length: int, 
             if state:
                 ids.add(AlertRecord.make_id(sensor, seq0 + i * hop, state))
     return ids
+
+
+def expected_calibrated_alert_ids(scorer: Any, streams: Mapping[str, np.ndarray], *, warmup_beats: int,
+                                  seq0: int = 0) -> set[str]:
+    """The alert ids the daemon must publish for sensors streaming these windows (sensor ->
+    (n, L) windows back to back, each passing the signal-quality check): the windows scored
+    offline with the same model, through the daemon's calibration and policy (the artefact's
+    operating point, `warmup_beats` of calibration)."""
+    from monitor.daemon.settings import MonitorSettings
+    from monitor.daemon.state_store import build_states
+
+    settings = MonitorSettings(_env_file=None, calibration_warmup_beats=warmup_beats)  # type: ignore[call-arg]
+    states, ids = build_states(scorer, settings), set()
+    for sensor, windows in streams.items():
+        length = windows.shape[1]
+        for i, error in enumerate(scorer.score(windows).tolist()):
+            outcome = states.apply((0, sensor), seq0 + i * length, i, error, True)
+            for state in outcome.transitions if outcome else []:
+                ids.add(AlertRecord.make_id(sensor, seq0 + i * length, state))
+    return ids

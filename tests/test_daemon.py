@@ -3,6 +3,13 @@
 Beats come from the ECG5000 test file. So that these tests check the daemon and not the model's
 accuracy, normal streams use normal beats the model scores clearly below its threshold and
 anomalous runs use anomalous beats it scores clearly above (picked offline with the same Scorer).
+Alerts come from the calibrated policy: each sensor first calibrates on WARMUP normal beats (a
+short warm-up, MONITOR_CALIBRATION_WARMUP_BEATS, instead of 150, so streams stay short; the
+calibrating phase's gross rule, 3 x the model threshold, is never reached by ECG5000 beats), then
+its anomalous run raises the mean of its last 3 calibrated scores over the model's fire level and
+the normal beats after it resolve the alert. The expected alert ids are derived offline with the
+same model and policy (support.expected_calibrated_alert_ids). Every beat passes the
+signal-quality check (the daemon reads 140-sample windows as one second).
 """
 
 from __future__ import annotations
@@ -16,17 +23,20 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
-from support import (REPO, MonitorProcess, Topics, consume_all, consume_json, expected_alert_ids, load_ecg5000,
-                     malformed_records, monitor_env, produce, stream_records, wait_for)
+from support import (REPO, MonitorProcess, Topics, consume_all, consume_json, expected_calibrated_alert_ids,
+                     load_ecg5000, malformed_records, monitor_env, produce, stream_records, wait_for)
 
+from monitor.stream import quality
 from monitor.stream.wire import REJECT_REASONS
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
-K, N, M = 2, 3, 3  # the policy under test: fire on 2 of 3 anomalous windows, resolve after 3 normal
+WARMUP = 10  # beats each sensor calibrates on before its anomalous run
+AFTER = 18  # beats after the warm-up: a run of 3 starts 1-6 beats in, and at least 9 normal beats resolve it
 CHUNK = 50  # samples per record: not a divisor of the 140-sample window, so windows span records
 MAX_RECORD_BYTES = 20_000
 
@@ -36,6 +46,7 @@ class Beats:
     normal: np.ndarray  # (n, L) scored clearly below the threshold
     anomalous: np.ndarray  # (n, L) scored clearly above it
     window_length: int
+    scorer: Any  # the model, on CPU: the expected alerts are derived with it
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +56,13 @@ def beats(trained_model, ecg_data_dir) -> Beats:
     scorer = Scorer.from_file(trained_model, device="cpu")
     x, labels = load_ecg5000(ecg_data_dir, ("TEST",))
     errors = scorer.score(x)
-    normal = x[(labels == 1) & (errors < 0.8 * scorer.threshold)]
-    anomalous = x[(labels != 1) & (errors > 1.2 * scorer.threshold)]
+    good = np.array([quality.check(beat, x.shape[1]).ok for beat in x])
+    normal = x[(labels == 1) & (errors < 0.8 * scorer.threshold) & good]
+    # 1.5 x: a run of 3 beats just above the threshold (1.2 x) does not always lift the mean of
+    # 3 calibrated scores over the fire level (measured: 1 of 20 sensors missed with these streams)
+    anomalous = x[(labels != 1) & (errors > 1.5 * scorer.threshold) & good]
     assert len(normal) >= 50 and len(anomalous) >= 10, (len(normal), len(anomalous))
-    return Beats(normal, anomalous, scorer.window_length)
+    return Beats(normal, anomalous, scorer.window_length, scorer)
 
 
 def make_streams(beats: Beats, n_normal: int, n_anomalous: int, per_sensor: int,
@@ -61,7 +75,7 @@ def make_streams(beats: Beats, n_normal: int, n_anomalous: int, per_sensor: int,
         sensor = f"{'normal' if i < n_normal else 'anomalous'}-{i:03d}"
         flag = [False] * per_sensor
         if i >= n_normal:
-            start = 1 + (i * 3) % (per_sensor - M - 4)
+            start = WARMUP + 1 + (i * 3) % (per_sensor - WARMUP - 12)
             flag[start:start + 3] = [True] * 3
         picks = [beats.anomalous[rng.integers(len(beats.anomalous))] if f else
                  beats.normal[rng.integers(len(beats.normal))] for f in flag]
@@ -80,15 +94,16 @@ class Run:
     produced: int
     duplicate_samples: int
     bootstrap: str
+    scorer: Any
 
 
 @pytest.fixture(scope="module")
 def run(broker, beats, trained_model, tmp_path_factory):
     prefix = f"daemon{time.time_ns() % 10**9}"
     topics = Topics.for_prefix(prefix).create(broker.bootstrap, partitions=3)
-    env = monitor_env(broker.bootstrap, topics, trained_model, MONITOR_ALERT_K=K, MONITOR_ALERT_N=N,
-                      MONITOR_RESOLVE_M=M, MONITOR_MAX_RECORD_BYTES=MAX_RECORD_BYTES)
-    streams, flags = make_streams(beats, n_normal=14, n_anomalous=10, per_sensor=12, seed=1)
+    env = monitor_env(broker.bootstrap, topics, trained_model, MONITOR_MAX_RECORD_BYTES=MAX_RECORD_BYTES,
+                      MONITOR_CALIBRATION_WARMUP_BEATS=WARMUP)
+    streams, flags = make_streams(beats, n_normal=14, n_anomalous=10, per_sensor=WARMUP + AFTER, seed=1)
     records = list(stream_records(streams, chunk=CHUNK))
     half = len(records) // 2
     resent = [records[half - 1], records[half - 2]]  # redelivered by a flaky gateway: duplicates
@@ -100,12 +115,12 @@ def run(broker, beats, trained_model, tmp_path_factory):
         total_windows = sum(len(f) for f in flags.values())
         wait_for(lambda: monitor.metric("ecg_monitor_windows_scored_total") >= total_windows, 90,
                  message=lambda: monitor.log_text()[-2000:])
-        yield Run(topics, monitor, streams, flags, produced, duplicate_samples, broker.bootstrap)
+        yield Run(topics, monitor, streams, flags, produced, duplicate_samples, broker.bootstrap, beats.scorer)
         assert monitor.stop() == 0
 
 
 def test_firing_alerts_for_exactly_the_sensors_with_anomalous_runs(run):
-    expected = expected_alert_ids(run.flags, 140, k=K, n=N, m=M)
+    expected = expected_calibrated_alert_ids(run.scorer, run.streams, warmup_beats=WARMUP)
     alerts = consume_all(run.bootstrap, run.topics.alerts, min_count=len(expected))
     decoded = [json.loads(a.value) for a in alerts]
     firing = {a["sensor_id"] for a in decoded if a["state"] == "firing"}
@@ -148,7 +163,8 @@ def test_malformed_records_land_in_the_dead_letter_topic_and_the_daemon_keeps_go
     letters = consume_all(run.bootstrap, run.topics.dlq, min_count=len(REJECT_REASONS))
     by_reason = {json.loads(r.value)["reason"]: r for r in letters}
     assert sorted(by_reason) == sorted(REJECT_REASONS) and len(letters) == len(REJECT_REASONS)
-    originals = {(r.partition, r.offset): r for r in consume_all(run.bootstrap, run.topics.input, min_count=run.produced)}
+    originals = {(r.partition, r.offset): r
+                 for r in consume_all(run.bootstrap, run.topics.input, min_count=run.produced)}
     bad = malformed_records("bad-sensor", MAX_RECORD_BYTES)
     for reason, record in by_reason.items():
         letter = json.loads(record.value)
@@ -172,9 +188,9 @@ def test_health_endpoints(run):
 
 def test_sigterm_mid_stream_then_restart_loses_no_window_and_keeps_alert_ids(broker, beats, trained_model, tmp_path):
     topics = Topics.for_prefix(f"restart{time.time_ns() % 10**9}").create(broker.bootstrap, partitions=3)
-    env = monitor_env(broker.bootstrap, topics, trained_model, MONITOR_ALERT_K=K, MONITOR_ALERT_N=N,
-                      MONITOR_RESOLVE_M=M, MONITOR_MAX_BATCH=16)
-    streams, flags = make_streams(beats, n_normal=10, n_anomalous=10, per_sensor=16, seed=2)
+    env = monitor_env(broker.bootstrap, topics, trained_model, MONITOR_MAX_BATCH=16,
+                      MONITOR_CALIBRATION_WARMUP_BEATS=WARMUP)
+    streams, flags = make_streams(beats, n_normal=10, n_anomalous=10, per_sensor=WARMUP + AFTER, seed=2)
     total = sum(len(f) for f in flags.values())
     producer = threading.Thread(target=produce, args=(broker.bootstrap, topics.input,
                                                       stream_records(streams, chunk=CHUNK)), kwargs={"pace_s": 0.008})
@@ -197,7 +213,7 @@ def test_sigterm_mid_stream_then_restart_loses_no_window_and_keeps_alert_ids(bro
         assert second.stop() == 0
     expected_windows = {(s, i * beats.window_length) for s, f in flags.items() for i in range(len(f))}
     assert {(s["sensor_id"], s["window_start_seq"]) for s in scores} == expected_windows
-    expected = expected_alert_ids(flags, beats.window_length, k=K, n=N, m=M)
+    expected = expected_calibrated_alert_ids(beats.scorer, streams, warmup_beats=WARMUP)
     assert {a["alert_id"] for a in alerts} == expected  # a redelivered alert repeats its id, nothing else
     for alert_id, count in Counter(a["alert_id"] for a in alerts).items():
         assert count <= 2, alert_id
