@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitor.stream.beat_windowing import POLARITY_BEATS, BeatWindow, BeatWindower, convention_of
+from monitor.daemon.metrics import SEGMENT_REASONS as METRIC_SEGMENT_REASONS
+from monitor.stream.beat_windowing import POLARITY_BEATS, SEGMENT_REASONS, BeatWindow, BeatWindower, convention_of
 from monitor.stream.beats import BeatConvention, estimate_polarity, segment
 from monitor.stream.rpeaks import OnlineRPeakDetector
 from monitor.stream.wire import InputRecord, InvalidRecord
@@ -135,12 +136,18 @@ def test_gaps_resets_and_rate_changes_start_new_segments(signal) -> None:
     assert [s.reason for s in windower.new_segments] == ["gap", "reset", "fs_change"]
 
 
+def test_the_metrics_know_every_segment_reason() -> None:
+    assert METRIC_SEGMENT_REASONS == SEGMENT_REASONS
+
+
 def test_duplicates_are_dropped_not_a_reset(signal) -> None:
     windower = new_windower()
     stream = records(signal[: int(30 * FS)], 360)
     feed(windower, stream)
     feed(windower, stream[-5:])  # re-sent records within the last 10 s
-    assert windower.stats.duplicate_samples == 5 * 360
+    tail = signal[int(5 * FS): int(30 * FS)]
+    feed(windower, [(100, InputRecord(sensor_id="s1", seq=int(5 * FS), values=tail.tolist(), fs=FS))])  # 25 s
+    assert windower.stats.duplicate_samples == 5 * 360 + len(tail)
     assert windower.stats.reset_segments == 0
 
 

@@ -8,9 +8,10 @@
   with the model artefact's `BeatConvention` and comes out as a `BeatWindow` that knows its span
   (start_seq/end_seq in the sensor's own samples), its R peak and its RR interval;
 - a record that starts ahead of the expected seq waits in a small reorder stash (as in Windower); when the
-  hole is not filled in time it is a gap. A gap, a seq that goes back by more than `reset_after_s` of samples
-  (a device reboot) and a change of `fs` each start a new *segment*: a new detector, counted by reason.
-  Records within `reset_after_s` behind the expected seq are duplicates (their samples were consumed);
+  hole is not filled in time it is a gap. A gap, a record that ends more than `reset_after_s` of samples before
+  the expected seq (a device reboot) and a change of `fs` each start a new *segment*: a new detector, counted by
+  reason. A record that ends within `reset_after_s` of it, whatever its length, is a re-sent one: its samples
+  were consumed and are dropped as duplicates;
 - every R-peak detector is created with origin seq 0 and starts at the first sample it is given, so a detector
   rebuilt from a replay after a restart commits the same peaks as the one that saw everything (see
   monitor.stream.rpeaks). A segment that starts after a gap therefore begins with a warm-up of up to
@@ -175,7 +176,7 @@ class BeatWindower:
             if fs != sensor.fs:
                 self._close_hole(key, sensor, out)  # the stash belongs to the old rate
                 sensor = self._sensors[key] = self._new_sensor(key, fs, record.seq, now, "fs_change", sensor)
-            elif record.seq < sensor.next_seq - int(self.reset_after_s * fs):
+            elif record.end_seq < sensor.next_seq - int(self.reset_after_s * fs):
                 sensor = self._sensors[key] = self._new_sensor(key, fs, record.seq, now, "reset", sensor)
                 self._stashing.discard(key)
         if record.seq > sensor.next_seq:
