@@ -224,12 +224,14 @@ def label_beats(r_peaks: np.ndarray, annotations: Annotations | None, fs: float)
 
 def rpeak_accuracy(cut_beats: RecordingBeats) -> dict[str, float | int]:
     """Sensitivity and positive predictivity of the committed R peaks against the reference beats
-    (one-to-one matches within TOLERANCE_S). The detector commits a peak only once the samples a guard
-    after it are in, so reference beats in the recording's last `guard_s` seconds are not counted."""
+    (one-to-one matches within TOLERANCE_S). The detector commits a slice's peaks only once the last window
+    that judges it has run, up to `guard_s + votes * step_s` after its start (4.5 s by default), so reference
+    beats in the recording's last such seconds are not counted (a stream that ends there has no verdict yet)."""
     rec = cut_beats.recording
     if rec.annotations is None:
         raise DataError(f"{rec.name}: no reference annotations (.atr) to score R peaks against")
-    horizon = len(rec.signal) - OnlineRPeakDetector(rec.fs, BeatConvention()).config.guard_s * rec.fs
+    config = OnlineRPeakDetector(rec.fs, BeatConvention()).config
+    horizon = len(rec.signal) - (config.guard_s + config.votes * config.step_s) * rec.fs
     ref = rec.annotations.samples[rec.annotations.samples < horizon]
     test = cut_beats.r_peaks[cut_beats.r_peaks < horizon]
     result = compare_annotations(ref, test, int(round(TOLERANCE_S * rec.fs)))
