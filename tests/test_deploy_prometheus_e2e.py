@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -64,7 +63,7 @@ class PrometheusServer:
         path.write_text(yaml.safe_dump(config))
         return path
 
-    def start(self, timeout_s: float = 30.0) -> "PrometheusServer":
+    def start(self, timeout_s: float = 30.0) -> PrometheusServer:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus not found: install Debian's 'prometheus' package (`make system-deps`)")
@@ -114,11 +113,14 @@ class PrometheusServer:
         result = self.query(expr)
         return float(result[0]["value"][1]) if result else None
 
-    def __enter__(self) -> "PrometheusServer":
+    def __enter__(self) -> PrometheusServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+WARMUP = 5
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +129,15 @@ def scraped(broker, trained_model, ecg_data_dir, tmp_path_factory):
     real Prometheus with the rules loaded, both still running."""
     workdir = tmp_path_factory.mktemp("prometheus-e2e")
     topics = Topics.for_prefix(f"t{uuid.uuid4().hex[:10]}").create(broker.bootstrap, partitions=2)
-    env = monitor_env(broker.bootstrap, topics, trained_model, MONITOR_MAX_RECORD_BYTES=str(MAX_RECORD_BYTES))
+    # Sensors calibrate on their first WARMUP beats (a short warm-up instead of 150, so the stream
+    # stays short) and only then can an ordinary alert fire.
+    env = monitor_env(broker.bootstrap, topics, trained_model, MONITOR_MAX_RECORD_BYTES=str(MAX_RECORD_BYTES),
+                      MONITOR_CALIBRATION_WARMUP_BEATS=str(WARMUP))
     beats, labels = load_ecg5000(ecg_data_dir)
     normal, abnormal = beats[labels == 1], beats[labels != 1]
     streams = {f"patient-{i:02d}": normal[i * 6:(i + 1) * 6] for i in range(5)}
-    streams["patient-99"] = abnormal[:6]  # anomalous beats: alerts fire
+    # calibrated on normal beats, then anomalous beats: an alert fires
+    streams["patient-99"] = np.concatenate([normal[30:30 + WARMUP], abnormal[:6]])
     windows = sum(len(b) for b in streams.values())
 
     with MonitorProcess(env, log_path=workdir / "monitor.log") as monitor, \
@@ -160,7 +166,8 @@ def test_prometheus_scraped_the_records_the_monitor_processed(scraped):
     assert prometheus.value("sum(ecg_monitor_windows_scored_total)") == windows
     assert prometheus.value("sum(ecg_monitor_anomalous_windows_total)") >= 1
     assert prometheus.value('sum(ecg_monitor_alerts_total{state="firing"})') >= 1
-    invalid = {r["metric"]["reason"]: float(r["value"][1]) for r in prometheus.query("ecg_monitor_invalid_records_total")}
+    invalid = {r["metric"]["reason"]: float(r["value"][1])
+               for r in prometheus.query("ecg_monitor_invalid_records_total")}
     assert set(invalid.values()) == {1.0} and len(invalid) == 6
     (info,) = prometheus.query("ecg_monitor_build_info")
     assert info["metric"]["model_version"]
