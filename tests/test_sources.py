@@ -80,3 +80,15 @@ def test_the_shipped_model_loads_safely_is_small_and_records_its_beat_convention
     assert BeatConvention.from_dict(artefact.metadata["windowing"]).length == artefact.window_length
     errors = Scorer(artefact, device="cpu").score(mit_normals)
     assert (errors > artefact.threshold).mean() < 0.2  # a real patient's normal beats are mostly not flagged
+
+
+def test_a_source_can_be_augmented_less_than_the_others(mit_normals: np.ndarray) -> None:
+    # the reference patient's beats kept as they are, every other source augmented as usual
+    none = Augmentation(time_warp=0, shift=0, wander=0, repolarisation_scale=0, noise=0)
+    recipe = sources.Recipe(source_augmentation=(("ecg5000", none),))
+    beats = mit_normals[:60]
+    names = np.repeat(np.array(["ecg5000", "synthetic"]), 30)
+    out = sources.augmenter(recipe, names, np.random.default_rng(0))(beats, 1)
+    assert out.shape == beats.shape
+    assert np.allclose(out[:30], beats[:30], atol=1e-4)
+    assert np.abs(out[30:] - beats[30:]).mean() > 0.05

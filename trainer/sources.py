@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import neurokit2 as nk
@@ -163,32 +163,55 @@ class Recipe:
     threshold_percentile: float = 99.0
     max_beats_per_source: int | None = None
     augmentation: augment_mod.Augmentation = augment_mod.Augmentation(repolarisation_flip=0.5)
+    #: per-source strengths that replace `augmentation` for that source (by source name); a source
+    #: whose own morphology the model must keep sharp (the reference patient) can be augmented less
+    source_augmentation: tuple[tuple[str, augment_mod.Augmentation], ...] = ()
+
+    def augmentation_of(self, source: str) -> augment_mod.Augmentation:
+        return dict(self.source_augmentation).get(source, self.augmentation)
 
 
-def train_val(sources: Sources, recipe: Recipe, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def train_val(sources: Sources, recipe: Recipe, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each source split into train / validation (validation: `val_fraction` of each, so every
-    patient is represented in both); a source is capped so no patient dominates."""
+    patient is represented in both); a source is capped so no patient dominates. Also returns
+    each training beat's source name."""
     rng = np.random.default_rng(seed)
-    train, val = [], []
-    for beats in sources.beats.values():
+    train, val, names = [], [], []
+    for name, beats in sources.beats.items():
         shuffled = beats[rng.permutation(len(beats))]
         n_val = max(1, round(recipe.val_fraction * len(shuffled)))
         val.append(shuffled[:n_val])
         train.append(shuffled[n_val:][:recipe.max_beats_per_source])
-    return np.concatenate(train)[:, :, None], np.concatenate(val)[:, :, None]
+        names.append(np.full(len(train[-1]), name))
+    return np.concatenate(train)[:, :, None], np.concatenate(val)[:, :, None], np.concatenate(names)
+
+
+def augmenter(recipe: Recipe, train_sources: np.ndarray, rng: np.random.Generator
+              ) -> Callable[[np.ndarray, int], np.ndarray]:
+    """The per-epoch augmentation: the recipe's strengths, or a source's own where it has them."""
+    if not recipe.source_augmentation:  # one draw over all beats (keeps earlier models reproducible)
+        return lambda x, _: augment_mod.augment(x, rng, recipe.augmentation)
+
+    def draw(x: np.ndarray, _: int) -> np.ndarray:
+        out = np.empty_like(x, dtype=np.float32)
+        for name in dict.fromkeys(train_sources):  # sources in training order, each drawn once
+            rows = train_sources == name
+            out[rows] = augment_mod.augment(x[rows], rng, recipe.augmentation_of(str(name)))
+        return out
+    return draw
 
 
 def fit_sources(sources: Sources, recipe: Recipe = Recipe(), seed: int = 0, progress: bool = False
                 ) -> tuple[Artefact, FitResult]:
     """Train on all sources with augmentation; threshold at a high percentile of validation errors."""
-    train, val = train_val(sources, recipe, seed)
+    train, val, train_sources = train_val(sources, recipe, seed)
     rng = np.random.default_rng(seed)
     config = ModelConfig(window_length=sources.convention.length, embedding_dim=recipe.embedding_dim,
                          hidden_dim=recipe.hidden_dim)
     with deterministic(seed, 1):
         fit = train_autoencoder(train, val, config, epochs=recipe.epochs, batch_size=recipe.batch_size,
                                 lr=recipe.lr, patience=recipe.epochs, seed=seed, progress=progress,
-                                augment=lambda x, _: augment_mod.augment(x, rng, recipe.augmentation))
+                                augment=augmenter(recipe, train_sources, rng))
         artefact = Artefact(config, fit.state_dict, threshold=0.0, normalisation={"kind": "zscore"},
                             model_version=model_version(config, fit.state_dict))
         val_errors = Scorer(artefact, device="cpu").score(val)
@@ -197,8 +220,10 @@ def fit_sources(sources: Sources, recipe: Recipe = Recipe(), seed: int = 0, prog
     artefact.metadata = json.loads(json.dumps({
         "windowing": sources.convention.to_dict(),
         "data": {"sources": sources.describe(), "train": len(train), "val": len(val), **sources.notes},
-        "recipe": {**{k: v for k, v in vars(recipe).items() if k != "augmentation"},
-                   "augmentation": recipe.augmentation.to_dict(), "seed": seed},
+        "recipe": {**{k: v for k, v in vars(recipe).items() if "augmentation" not in k},
+                   "augmentation": recipe.augmentation.to_dict(),
+                   "source_augmentation": {name: a.to_dict() for name, a in recipe.source_augmentation},
+                   "seed": seed},
         "training": {"best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss,
                      "fit_seconds": round(fit.fit_seconds, 1)},
         "versions": versions(),
