@@ -209,3 +209,17 @@ def test_revocation_work_inside_poll_is_bounded_in_time():
     rig.scorer.seconds_per_batch = 0.0
     rig.steps(100, dt=0.5)
     assert sorted(set(rig.scored())) == [("a", s) for s in range(0, 50 * L, L)]  # the rest re-read
+
+
+def test_a_sensor_evicted_while_its_alert_is_open_gets_a_resolved_alert():
+    """Before: the evicted sensor's open alert was never resolved."""
+    rig = Rig(sensor_idle_timeout_s=30.0, quality_gating=False, max_batch=64)
+    for level in [0.1] * 180 + [1.0] * 20:  # calibrates on 0.1, then ten times that
+        rig.produce("a", L, level=level)
+    rig.steps(50)
+    states = [json.loads(v)["state"] for _, v in rig.producer.delivered(ALERTS)]
+    assert states == ["firing"]
+    rig.steps(40, dt=1.0)  # the sensor goes quiet past its idle timeout: evicted
+    states = [json.loads(v)["state"] for _, v in rig.producer.delivered(ALERTS)]
+    assert states == ["firing", "resolved"] and not rig.monitor.states.policy.is_open((0, "a"))
+    assert rig.consumer.group_committed == {0: 200}

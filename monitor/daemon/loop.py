@@ -533,6 +533,26 @@ class Monitor:
         self.health.missing_topics = missing
         self.outbox.missing = set(missing)
 
+    def _resolve_evicted(self, evicted: list[tuple[int, str]]) -> None:
+        """A sensor evicted for idleness with its alert open gets a `resolved` alert (its span is
+        empty: the window it would have completed next, score 0), so no alert is orphaned by a sensor
+        that went away; its policy state is forgotten (calibration stays in the state store)."""
+        starts: dict[tuple[int, str], int] = getattr(self.windower, "evicted_at", {})
+        now = time.time()
+        for key in evicted:
+            if not self.states.policy.is_open(key):
+                continue
+            seq = starts.get(key, 0)
+            alert = AlertRecord(alert_id=AlertRecord.make_id(key[1], seq, "resolved"), sensor_id=key[1],
+                                state="resolved", window_start_seq=seq, window_end_seq=seq, score=0.0,
+                                threshold=self.threshold, model_version=self.scorer.model_version, detected_at=now)
+            self.outbox.send(self.settings.alerts_topic, key[1].encode(), alert.to_bytes())
+            self.ledger.sent(key[0], self.ledger.positions.get(key[0], 0))
+            self.states.policy.forget([key])
+            self.metrics.alerts.labels(state="resolved").inc()
+            log.info("alert resolved: sensor evicted while firing", extra={"alert_id": alert.alert_id})
+        starts.clear()
+
     def _log_segments(self) -> None:
         """A sensor's new segment (reboot, seq jump) is logged once per sensor."""
         segments: list[Any] = getattr(self.windower, "new_segments", [])
@@ -547,9 +567,10 @@ class Monitor:
     # -- housekeeping and errors ---------------------------------------------------------------
 
     def _housekeeping(self) -> None:
-        windows, _evicted = self.windower.sweep()
+        windows, evicted = self.windower.sweep()
         if windows:
             self.batcher.extend(windows)
+        self._resolve_evicted(evicted)
         self.states.sweep()  # calibrations idle past MONITOR_STATE_IDLE_TIMEOUT_S: tombstones
         self.metrics.calibrating_sensors.set(self.states.calibrating())
         if self._unrestored:

@@ -172,6 +172,7 @@ class Windower:
         self._sensors: OrderedDict[SensorKey, _Sensor] = OrderedDict()  # least recently seen first
         self._stashing: set[SensorKey] = set()  # sensors with a non-empty stash
         self._admit_evicted: list[SensorKey] = []  # evicted by admit(), returned by the next add()
+        self.evicted_at: dict[SensorKey, int] = {}  # evicted sensor -> its next window start (the caller clears)
 
     def __len__(self) -> int:
         return len(self._sensors)
@@ -381,6 +382,7 @@ class Windower:
         self._stashing.discard(key)
         self.stats.evicted_sensors += 1
         self.stats.evicted_samples += max(0, s.next_seq - s.wstart) + sum(len(i.values) for i in s.stash)
+        self.evicted_at[key] = s.wstart
         return key
 
     def drop_partitions(self, partitions: set[int]) -> None:
