@@ -111,7 +111,7 @@ def meta(args: argparse.Namespace, device: str) -> dict:
     if device.startswith("cuda"):
         cpu = f"{torch.cuda.get_device_name(0)}; CPU {cpu}"
     return {"device": device, "quick": args.quick, "when": datetime.datetime.now().isoformat(timespec="seconds"),
-            "cpu": cpu, "cores": os.cpu_count(), "loadavg": "%.2f %.2f %.2f" % os.getloadavg(),
+            "cpu": cpu, "cores": os.cpu_count(), "loadavg": "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
             "torch": torch.__version__, "python": platform.python_version(),
             "command": "python -m bench " + " ".join(sys.argv[1:])}
 

@@ -50,7 +50,8 @@ def scorer_tables(result: dict) -> list[str]:
             continue
         models = row["models"]
         kept = {True: "**yes**", False: "no", None: "not checked"}[row["kept"]]
-        lines.append(f"| {row['optimisation']} | {models['default']['ratio']:.2f}x | {models['reference']['ratio']:.2f}x | "
+        lines.append(f"| {row['optimisation']} | {models['default']['ratio']:.2f}x | "
+                     f"{models['reference']['ratio']:.2f}x | "
                      f"{_n(row.get('auroc_off'), 4)} | {_n(row.get('auroc_on'), 4)} | "
                      f"{_n(row.get('auroc_delta'), 4)} | {kept} |")
     lines.append("")
@@ -59,14 +60,17 @@ def scorer_tables(result: dict) -> list[str]:
 
 def e2e_tables(result: dict) -> list[str]:
     memory = result["memory"]
-    lines = [f"### End to end ({result['device']}, {result['partitions']} partitions, max batch {result['max_batch']})", ""]
+    lines = [f"### End to end ({result['device']}, {result['partitions']} partitions, "
+             f"max batch {result['max_batch']})", ""]
     lines.append("| figure | value |")
     lines.append("| --- | ---: |")
-    lines.append(f"| raw batched scorer (same model, batch {result['max_batch']}) | {_n(result['raw_scorer_windows_per_s'])} windows/s |")
+    lines.append(f"| raw batched scorer (same model, batch {result['max_batch']}) | "
+                 f"{_n(result['raw_scorer_windows_per_s'])} windows/s |")
     lines.append(f"| daemon, maximum sustained ({result['backlog']['sensors']:,} sensors, "
                  f"{result['backlog']['windows']:,}-window backlog) | {_n(result['max_windows_per_s'])} windows/s |")
     lines.append(f"| daemon / raw scorer | **{result['ratio_to_raw_scorer']:.0%}** |")
-    lines.append(f"| CPU cores used while draining (daemon / broker) | {_cores(result['drain'].get('cpu_cores'), ('daemon', 'broker'))} |")
+    lines.append("| CPU cores used while draining (daemon / broker) | "
+                 f"{_cores(result['drain'].get('cpu_cores'), ('daemon', 'broker'))} |")
     lines.append(f"| RSS at {memory['active_sensors_at_last']:,} live sensors | {memory['rss_mib_at_last']:,.1f} MiB |")
     lines.append(f"| memory per live sensor (RSS slope) | {_n(memory['bytes_per_sensor'])} bytes |")
     lines.append("")
@@ -109,7 +113,8 @@ def targets(results: dict) -> list[str]:
         reference = next(s for s in results["scorer"]["sweeps"] if s["model"] == "reference")
         for sweep in (default, reference):
             lines.append(f"| batched scorer >= 20x per-window loop ({sweep['model']} model) | "
-                         f"{sweep['best_ratio_to_loop']:.1f}x | {'yes' if sweep['best_ratio_to_loop'] >= 20 else 'no'} |")
+                         f"{sweep['best_ratio_to_loop']:.1f}x | "
+                         f"{'yes' if sweep['best_ratio_to_loop'] >= 20 else 'no'} |")
     if "e2e" in results:
         e2e = results["e2e"]
         lines.append(f"| end to end >= 50% of raw batched scorer | {e2e['ratio_to_raw_scorer']:.0%} | "
@@ -120,7 +125,8 @@ def targets(results: dict) -> list[str]:
                          f"{'yes' if half['p99_ms'] <= 250 else 'no'} |")
     if "reliability" in results:
         lost = results["reliability"]["totals"].get("windows_lost", 0)
-        lines.append(f"| no window lost under faults | {lost} lost | {'yes' if lost == 0 and results['reliability']['exit_code'] == 0 else 'no'} |")
+        met = lost == 0 and results["reliability"]["exit_code"] == 0
+        lines.append(f"| no window lost under faults | {lost} lost | {'yes' if met else 'no'} |")
     lines.append("")
     return lines
 
@@ -155,13 +161,14 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    for ax, part in zip(axes[0], panels):
+    for ax, part in zip(axes[0], panels, strict=True):
         if part == "scorer":
-            for sweep, color in zip(results["scorer"]["sweeps"], ("tab:blue", "tab:orange")):
+            for sweep, color in zip(results["scorer"]["sweeps"], ("tab:blue", "tab:orange"), strict=True):
                 rows = sweep["batched"]
                 ax.plot([r["batch"] for r in rows], [r["windows_per_s"] for r in rows], "o-", color=color,
                         label=f"{sweep['model']}, batched")
-                ax.axhline(sweep["loop_windows_per_s"], color=color, linestyle="--", label=f"{sweep['model']}, per-window loop")
+                ax.axhline(sweep["loop_windows_per_s"], color=color, linestyle="--",
+                           label=f"{sweep['model']}, per-window loop")
             ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="windows/s",
                    title=f"Scorer ({results['scorer']['device']}, {results['scorer']['torch_threads']} thread(s))")
         else:

@@ -9,6 +9,7 @@ untrained weights; the AUROC check uses a trained artefact (see `bench.__main__`
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import warnings
@@ -45,7 +46,7 @@ class Sizes:
     opt_batch: int         # batch size the optimisations are compared at
 
     @classmethod
-    def for_run(cls, quick: bool, device: torch.device) -> "Sizes":
+    def for_run(cls, quick: bool, device: torch.device) -> Sizes:
         if quick:
             return cls((1, 16), 4, 0.0, 2, 16)
         if device.type == "cuda":
@@ -168,11 +169,11 @@ def sweep(name: str, config: ModelConfig, device: str, sizes: Sizes) -> dict:
         loop_rates.append(rate(lambda: per_window_loop(loop_scorer, loop_windows),
                                len(loop_windows), sizes.min_seconds))
         for b, scorer in scorers.items():
-            batch_rates[b].append(rate(lambda: scorer.score(inputs[b]), len(inputs[b]), sizes.min_seconds))
+            batch_rates[b].append(rate(functools.partial(scorer.score, inputs[b]), len(inputs[b]), sizes.min_seconds))
 
     rows = []
     for b in sizes.batch_sizes:
-        ratios = [r / loop for r, loop in zip(batch_rates[b], loop_rates)]
+        ratios = [r / loop for r, loop in zip(batch_rates[b], loop_rates, strict=True)]
         rows.append({"batch": b, "windows_per_s": float(np.median(batch_rates[b])),
                      "ratio_to_loop": float(np.median(ratios))})
     best = max(rows, key=lambda row: row["windows_per_s"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def rate(work: Callable[[], object], items: int, min_seconds: float) -> float:
@@ -36,7 +36,7 @@ def compare(baseline: Callable[[], float], variant: Callable[[], float], turns: 
         else:
             other.append(variant())
             base.append(baseline())
-    ratios = [v / b for b, v in zip(base, other)]
+    ratios = [v / b for b, v in zip(base, other, strict=True)]
     return {
         "baseline_per_s": statistics.median(base),
         "variant_per_s": statistics.median(other),

@@ -41,7 +41,8 @@ def test_quick_scorer_benchmark_writes_every_figure(model, ecg_data_dir, tmp_pat
         assert row["kept"] in (True, False, None)
         if "error" not in row:
             assert set(row["models"]) == set(MODELS)
-            assert 0.0 <= row["auroc_on"] <= 1.0 and math.isclose(row["auroc_delta"], row["auroc_on"] - row["auroc_off"])
+            assert 0.0 <= row["auroc_on"] <= 1.0
+            assert math.isclose(row["auroc_delta"], row["auroc_on"] - row["auroc_off"])
     assert scorer["evaluation"]["windows"] > 0
     assert "| default (emb 32, hidden 64) |" in text and "| optimisation |" in text
     assert "batched scorer >= 20x per-window loop (default model)" in text

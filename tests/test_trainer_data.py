@@ -33,7 +33,7 @@ def _write_tsv(path: Path, labels, values) -> None:
 def _write_arff(path: Path, labels, values) -> None:
     head = ["@relation ECG5000"] + [f"@attribute att{i} numeric" for i in range(values.shape[1])]
     head += ["@attribute target {1,2,3,4,5}", "@data"]
-    body = [",".join(f"{v:.7e}" for v in row) + f",{int(y)}" for y, row in zip(labels, values)]
+    body = [",".join(f"{v:.7e}" for v in row) + f",{int(y)}" for y, row in zip(labels, values, strict=True)]
     path.write_text("\n".join(head + body) + "\n")
 
 

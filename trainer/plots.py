@@ -41,7 +41,8 @@ def reconstructions(inputs: np.ndarray, outputs: np.ndarray, titles: list[str], 
     cols = min(n, 3)
     rows = int(np.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
-    for ax, x, y, title in zip(axes.flat, inputs, outputs, titles):
+    # not strict: the grid can hold more panels than windows; the spare ones are switched off below
+    for ax, x, y, title in zip(axes.flat, inputs, outputs, titles, strict=False):
         ax.plot(x[:, 0], label="input")
         ax.plot(y[:, 0], label="reconstruction")
         ax.set_title(title, fontsize=9)
