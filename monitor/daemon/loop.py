@@ -508,7 +508,8 @@ class Monitor:
         positions = dict(self.ledger.positions)
         moved, self._progress_positions = positions != self._progress_positions, positions
         work = self._lag > 0 or len(self.batcher) > 0 or self.checkpoint.undelivered
-        if not work or (moved and not self.checkpoint.undelivered):
+        # A missing output topic is reported by /readyz; a restart would not create it.
+        if not work or (moved and not self.checkpoint.undelivered) or self.health.missing_topics:
             self.health.progressed()
         self.health.has_work = work
 
