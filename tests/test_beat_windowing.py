@@ -3,12 +3,23 @@ and the same as segmenting the recording offline."""
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
+from fakes import FakeClock, FakeConsumer, FakeProducer, FakeScorer
+from prometheus_client import CollectorRegistry
+
+from monitor.daemon.http import Health
+from monitor.daemon.loop import Monitor
 
 from monitor.daemon.metrics import SEGMENT_REASONS as METRIC_SEGMENT_REASONS
+from monitor.daemon.metrics import Metrics
+from monitor.daemon.settings import MonitorSettings
 from monitor.stream.beat_windowing import POLARITY_BEATS, SEGMENT_REASONS, BeatWindow, BeatWindower, convention_of
 from monitor.stream.beats import BeatConvention, estimate_polarity, segment
 from monitor.stream.rpeaks import OnlineRPeakDetector
@@ -181,3 +192,67 @@ def test_the_windowing_mode_and_the_artefact_convention() -> None:
     assert convention_of({"kind": "fixed"}, "beats", 96) == BeatConvention(length=96)
     with pytest.raises(ValueError, match="length"):
         convention_of(beats, "beats", 96)
+
+
+# -- the loop in beats mode, over the fake Kafka clients in fake time ---------------------------------------------
+
+class _Loop:
+    """A Monitor over fakes whose model records the beat convention (scores are the FakeScorer's window means)."""
+
+    def __init__(self, **settings: Any) -> None:
+        values: dict[str, Any] = dict(input_topic="in", scores_topic="scores", alerts_topic="alerts",
+                                      dlq_topic="dlq", max_batch=16, max_wait_ms=10)
+        self.settings = MonitorSettings(_env_file=None, **{**values, **settings})  # type: ignore[call-arg]
+        self.clock = FakeClock(1000.0)
+        self.consumer = FakeConsumer("in", 1, max_poll_records=50)
+        self.producer = FakeProducer()
+        scorer = FakeScorer(CONVENTION.length)
+        scorer.artefact = SimpleNamespace(metadata={"windowing": CONVENTION.to_dict()})
+        self.metrics = Metrics(CollectorRegistry(), threshold=scorer.threshold)
+        self.monitor = Monitor(self.settings, scorer, self.consumer, self.producer,  # type: ignore[arg-type]
+                               self.metrics, Health(max_age_s=30.0, model_loaded=True, clock=self.clock),
+                               clock=self.clock, sleep=self.clock.sleep)
+        self.monitor.subscribe()
+        self.consumer.rebalance([0])
+
+    def run(self, stream: list[tuple[int, InputRecord]], steps: int = 400) -> None:
+        for _, record in stream:
+            self.consumer.append(0, record.sensor_id.encode(), record.to_bytes())
+        for _ in range(steps):
+            self.clock.now += 0.05
+            self.monitor.step()
+
+    def out(self, topic: str) -> list[dict[str, Any]]:
+        return [json.loads(value) for _, value in self.producer.delivered(topic)]
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def test_the_loop_publishes_beats_with_their_r_peak_and_rr(signal) -> None:
+    loop = _Loop()
+    stream = records(signal[: int(40 * FS)], 360)
+    loop.run(stream + records(signal[:720], 360, sensor="no-fs", fs=None))
+    expected = feed(new_windower(), stream)
+    scores = loop.out("scores")
+    assert [(s["r_peak_seq"], s["window_start_seq"], s["window_end_seq"]) for s in scores] == [
+        (w.r_peak_seq, w.start_seq, w.end_seq) for w in expected]
+    assert [s["rr_s"] for s in scores] == pytest.approx([w.rr_s for w in expected])
+    assert {json.loads(base64.b64decode(d["value_b64"]))["sensor_id"] for d in loop.out("dlq")} == {"no-fs"}
+    assert {d["reason"] for d in loop.out("dlq")} == {"schema"}
+    assert loop.metric("ecg_monitor_beats_total") == len(expected)
+    assert loop.metric("ecg_monitor_rr_interval_seconds_count") == len(expected)
+    assert loop.metric("ecg_monitor_segments_started_total", reason="start") == 1
+
+
+def test_the_loop_uses_the_default_fs_and_fixed_windows_when_told(signal) -> None:
+    no_fs = records(signal[: int(20 * FS)], 360, fs=None)
+    loop = _Loop(default_fs=FS)
+    loop.run(no_fs)
+    assert loop.out("scores") and not loop.out("dlq")
+    fixed = _Loop(windowing="fixed")
+    fixed.run(no_fs)
+    scores = fixed.out("scores")
+    assert len(scores) == int(20 * FS) // CONVENTION.length
+    assert all(s["r_peak_seq"] is None and s["rr_s"] is None for s in scores)
+    assert [s["window_start_seq"] for s in scores[:2]] == [0, CONVENTION.length]
