@@ -256,3 +256,22 @@ def test_the_loop_uses_the_default_fs_and_fixed_windows_when_told(signal) -> Non
     assert len(scores) == int(20 * FS) // CONVENTION.length
     assert all(s["r_peak_seq"] is None and s["rr_s"] is None for s in scores)
     assert [s["window_start_seq"] for s in scores[:2]] == [0, CONVENTION.length]
+
+
+@pytest.mark.parametrize("event", ["rebalance", "lost"])
+def test_no_beat_is_lost_across_a_rebalance_or_lost_partitions(signal, event: str) -> None:
+    """The revoked sensor's detector and polarity history are dropped; the partition is re-read from where its
+    beats can be cut again, so every beat is published (some twice: at-least-once)."""
+    loop = _Loop()
+    stream = records(signal[: int(60 * FS)], 360)
+    loop.run(stream[:30], steps=200)
+    assert loop.out("scores") and loop.consumer.group_committed.get(0, 0) > 0  # mid-stream
+    if event == "rebalance":
+        loop.consumer.rebalance([0])
+    else:
+        loop.consumer.lose()
+        loop.consumer.rebalance([0])
+    loop.run(stream[30:])
+    expected = feed(new_windower(), stream)
+    published = {s["r_peak_seq"] for s in loop.out("scores")}
+    assert published == {w.r_peak_seq for w in expected}
