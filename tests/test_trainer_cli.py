@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
+from monitor.core.artefact import Artefact
 from monitor.core.scoring import Scorer
+from monitor.stream.policy import ScorePolicyConfig
 from trainer.cli import main
 
 
@@ -75,3 +77,18 @@ def test_help_shows_defaults_and_environment_names():
                            timeout=120).stdout
     assert "--embedding-dim N" in shown and "(default: 32; env TRAINER_EMBEDDING_DIM)" in shown
     assert "--threshold-method {percentile,mean_std,fixed,f1}" in shown
+
+
+def test_fit_on_windows_records_fixed_windowing_and_the_alert_policy_for_the_budget(tiny_run):
+    model, report_dir, stdout = tiny_run
+    meta = Artefact.load(model).metadata
+    assert meta["windowing"] == {"kind": "fixed"}
+    policy = ScorePolicyConfig(**meta["policy"])  # what the daemon needs to build the policy
+    report = json.loads((report_dir / "report.json").read_text())
+    point = report["operating_point"]
+    assert point["policy"] == meta["policy"] and point["budget_per_hour"] == 1.0
+    # no anomalous validation beats by default: false alerts measured on validation streams, detection not
+    assert not point["detection_measured"] and point["chosen"]["detection_rate"] is None
+    assert point["chosen"]["false_alerts_per_hour"] <= 1.0 and point["chosen"]["fire_level"] == policy.fire_level
+    assert (report_dir / "operating_curve.png").stat().st_size > 0
+    assert "alert policy: mean (3)" in stdout
