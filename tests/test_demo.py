@@ -40,14 +40,15 @@ def assert_nothing_left_running(summary: dict) -> None:
 
 
 def test_short_demo_alerts_on_every_injected_sensor_and_on_no_normal_one(trained_model, ecg_data_dir, tmp_path):
-    command = demo_command(trained_model, ecg_data_dir, tmp_path, "--sensors", "8", "--beats-per-sensor", "20",
+    # 30 beats: the demo calibrates each sensor on its first 15 (demo.DEMO_WARMUP_BEATS), then injects
+    command = demo_command(trained_model, ecg_data_dir, tmp_path, "--sensors", "8", "--beats-per-sensor", "30",
                            "--rate", "max")
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads(result.stdout)
 
     assert summary["sensors"] == 8 and len(summary["injected_sensors"]) == 2
-    assert summary["windows_scored"] == summary["windows_expected"] == 8 * 20
+    assert summary["windows_scored"] == summary["windows_expected"] == 8 * 30
     # every sensor with injected anomalies is alerted, during its run; no normal sensor is
     assert summary["alerted_sensors"] == summary["detected_sensors"] == summary["injected_sensors"]
     assert summary["detected_runs"] == summary["injected_runs"] == 2

@@ -157,14 +157,15 @@ def sensor_ids(sensors: int, prefix: str = "patient-") -> list[str]:
 
 def build_ecg_streams(data: str | os.PathLike | BeatPool, sensors: int = 20, anomalous_fraction: float = 0.25,
                       beats_per_sensor: int = 60, seed: int = 0, run_length: tuple[int, int] = (4, 6),
-                      runs_per_sensor: int = 1, prefix: str = "patient-") -> list[SensorStream]:
+                      runs_per_sensor: int = 1, prefix: str = "patient-", lead_in: int = 0) -> list[SensorStream]:
     """Concatenated ECG5000 beats, one stream per sensor.
 
     round(sensors * anomalous_fraction) sensors (picked at random) each get `runs_per_sensor`
     runs of run_length[0]..run_length[1] consecutive anomalous beats, with at least two normal
     beats before and after each run (so an open alert can resolve in between); the rest get
     only normal beats. Deterministic for a given seed and data. Runs of at least 4 beats let a
-    k=2-of-n=3 alert policy fire even when the model misses one anomalous beat in a run.
+    k=2-of-n=3 alert policy fire even when the model misses one anomalous beat in a run. The first
+    `lead_in` beats of every sensor are normal (time for the monitor to calibrate each sensor).
     """
     if sensors < 1:
         raise ValueError("sensors must be >= 1")
@@ -184,7 +185,8 @@ def build_ecg_streams(data: str | os.PathLike | BeatPool, sensors: int = 20, ano
         labels = np.full(beats_per_sensor, NORMAL_CLASS, dtype=np.int64)
         beats = pool.normal[rng.integers(0, len(pool.normal), size=beats_per_sensor)].copy()
         if index in chosen:
-            for start, length in _place_runs(rng, beats_per_sensor, runs_per_sensor, lo, hi):
+            for start, length in _place_runs(rng, beats_per_sensor - lead_in, runs_per_sensor, lo, hi):
+                start += lead_in
                 picks = rng.integers(0, len(pool.anomalous), size=length)
                 beats[start:start + length] = pool.anomalous[picks]
                 labels[start:start + length] = pool.anomalous_labels[picks] if len(pool.anomalous_labels) else 2
