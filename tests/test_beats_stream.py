@@ -149,10 +149,11 @@ def test_record_100_through_the_broker_and_the_daemon(broker, topic_prefix, tmp_
         metrics = monitor.metrics()
         assert monitor.stop() == 0
 
-    assert metrics.value("ecg_monitor_beats_total") == expected
-    assert metrics.value("ecg_monitor_segments_started_total", reason="start") == len(plan)
+    # (a rebalance mid-run would replay some beats: at-least-once; hence >= and the de-duplication below)
+    assert metrics.value("ecg_monitor_beats_total") >= expected
+    assert metrics.value("ecg_monitor_segments_started_total", reason="start") >= len(plan)
     for sensor, (fs, _, seconds) in plan.items():
-        scores = published[sensor]
+        scores = sorted({s["r_peak_seq"]: s for s in published[sensor]}.values(), key=lambda s: s["r_peak_seq"])
         if seconds is not None:
             reference = references[sensor]
             assert [s["r_peak_seq"] for s in scores] == [w.r_peak_seq for w in reference], sensor
