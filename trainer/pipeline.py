@@ -13,7 +13,7 @@ import json
 import platform
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ def _fit_model(s: TrainerSettings, dataset: SplitData | None) -> FitOutcome:
         "test": test_metrics,
         "training": training_info(fit, s),
         "versions": versions(),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     report["training"]["total_seconds"] = round(time.perf_counter() - started, 2)
     # A JSON round trip leaves only plain types, which torch.load(weights_only=True) accepts.
@@ -167,7 +167,7 @@ def _auto_device() -> str:
 
 def model_version(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> str:
     """e.g. ecg-lstm-ae-e32h64-20251123094500-1a2b3c4d (the suffix is a digest of the weights)."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     return f"ecg-lstm-ae-e{config.embedding_dim}h{config.hidden_dim}-{stamp}-{weights_digest(state_dict)[:8]}"
 
 
