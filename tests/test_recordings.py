@@ -17,8 +17,10 @@ import wfdb
 
 from monitor.core.artefact import Artefact
 from monitor.core.model import LSTMAutoencoder, ModelConfig
+from monitor.stream.beat_windowing import BeatWindower
 from monitor.stream.beats import BeatConvention
 from monitor.stream.policy import ScorePolicyConfig
+from monitor.stream.wire import InputRecord
 from monitor.tools.demo import SHIPPED_MODEL
 from trainer import recordings
 from trainer.cli import build_parser, main
@@ -207,3 +209,19 @@ def test_the_demo_streams_a_recording_end_to_end_with_a_model_of_its_own(excerpt
         host, port = address.rsplit(":", 1)
         with pytest.raises(OSError):
             socket.create_connection((host, int(port)), timeout=1).close()
+
+
+@needs_record
+def test_offline_beats_are_the_beats_the_daemon_cuts_from_the_stream(record_100):
+    """The trainer's beats of a recording equal the daemon windower's on the same signal streamed in
+    100 ms records (5 minutes of record 100): the same R peaks, spans and windows, bit for bit."""
+    excerpt = recordings.Recording("ex", record_100.signal[: 300 * 360], 360.0, "MLII")
+    offline = recordings.cut(excerpt, BeatConvention()).beats
+    windower, streamed = BeatWindower(BeatConvention()), []
+    for offset, seq in enumerate(range(0, len(excerpt.signal), 36)):
+        record = InputRecord(sensor_id="s", seq=seq, values=excerpt.signal[seq:seq + 36].tolist(), fs=360.0)
+        streamed += windower.add(0, offset, record)[0]
+    assert len(offline) == len(streamed) > 300
+    assert offline.r_peak.tolist() == [w.r_peak_seq for w in streamed]
+    assert offline.start.tolist() == [w.start_seq for w in streamed]
+    assert np.array_equal(offline.windows, np.stack([w.values for w in streamed]))
