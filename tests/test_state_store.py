@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from kafka.errors import KafkaTimeoutError
 from fakes import FakeClock, FakeConsumer, FakeProducer, FakeScorer
 from prometheus_client import CollectorRegistry
 
@@ -143,14 +144,19 @@ class ArtefactScorer(FakeScorer):
 
 
 class FakeChangelog:
-    """The changelog as the fake producer delivered it, read per partition."""
+    """The changelog as the fake producer delivered it, read per partition; the first `fail`
+    reads time out."""
 
-    def __init__(self, producer: FakeProducer) -> None:
+    def __init__(self, producer: FakeProducer, fail: int = 0) -> None:
         self.producer = producer
+        self.fail = fail
         self.reads: list[set[int]] = []
 
     def read(self, partitions: Any) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
         self.reads.append(set(partitions))
+        if self.fail:
+            self.fail -= 1
+            raise KafkaTimeoutError("changelog not read to its end (fake)")
         records = zip(self.producer.partitions.get(STATE, []), self.producer.delivered(STATE), strict=True)
         out: dict[int, list[tuple[bytes | None, bytes | None]]] = {p: [] for p in partitions}
         for partition, (key, value) in records:
@@ -258,3 +264,26 @@ def test_a_failed_flush_sends_no_state_and_commits_nothing():
     assert producer.delivered(STATE) == [] and consumer.group_committed == {}
     run_until_read(monitor, consumer, clock)
     assert [k for k, _ in producer.delivered(STATE)] == [b"a"] and consumer.group_committed == {0: 4}
+
+
+def test_partitions_whose_changelog_cannot_be_read_wait_paused_until_a_retry_restores_them():
+    clock, producer = FakeClock(1000.0), FakeProducer()
+    consumer = FakeConsumer(TOPIC, 3)
+    for i in range(WARMUP + 2):
+        consumer.append(0, b"a", encode_input("a", i * L, beat(0.2)))
+    first = make_monitor(consumer, producer, clock, FakeChangelog(producer))
+    run_until_read(first, consumer, clock)
+    consumer.append(0, b"a", encode_input("a", (WARMUP + 2) * L, beat(0.2)))
+    n_before = len(scores(producer))
+    again = FakeConsumer(TOPIC, 3, committed={}, logs=consumer.logs)
+    changelog = FakeChangelog(producer, fail=2)  # at assignment, and at the first housekeeping
+    second = make_monitor(again, producer, clock, changelog)
+    assert again.paused_partitions == {0, 1, 2}
+    for _ in range(3):
+        second.step()  # the first read failed: nothing is processed ...
+    assert len(scores(producer)) == n_before
+    clock.now += 1.0  # ... until housekeeping reads the changelog again
+    run_until_read(second, again, clock)
+    assert changelog.reads == [{0, 1, 2}] * 3 and again.paused_partitions == set()
+    after = scores(producer)[n_before:]
+    assert [(s["window_start_seq"], s["calibration"]) for s in after] == [((WARMUP + 2) * L, "calibrated")]

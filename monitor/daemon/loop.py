@@ -419,14 +419,13 @@ class Monitor:
             records = self.changelog.read(partitions)
         except KafkaError as exc:
             self._kafka_error("restore", exc)
-            if not partitions <= self._unrestored:
-                self.consumer.pause(*tps)
+            self.consumer.pause(*tps)
             self._unrestored |= partitions
             return
         restored = sum(self.states.restore(p, rows) for p, rows in records.items())
         self.metrics.state_restored_sensors.inc(restored)
         if partitions & self._unrestored:
-            self.consumer.resume(*tps)
+            self.consumer.resume(*(set(tps) - self._paused))  # unless flow control holds them too
             self._unrestored -= partitions
         log.info("sensor state restored", extra={"partitions": sorted(partitions), "sensors": restored})
 
@@ -477,7 +476,8 @@ class Monitor:
                 self.consumer.pause(*fresh)
                 self._paused |= fresh
         elif self._paused:
-            self.consumer.resume(*(self._paused & assigned))
+            unrestored = {TopicPartition(self.settings.input_topic, p) for p in self._unrestored}
+            self.consumer.resume(*(self._paused & assigned - unrestored))  # those wait for their state
             self._paused.clear()
 
     def _finite_scores(self, errors: np.ndarray, batch: list[Window]) -> tuple[np.ndarray, list[Window]]:
