@@ -79,8 +79,8 @@ class MonitorSettings(BaseSettings):
                                                                          "empty = 150")
     quality_gating: bool = Field(True, description="Check each window's signal quality; bad ones raise no "
                                                    "anomaly alert")
-    sample_rate_hz: float | None = Field(None, gt=0, description="Sampling rate for the quality check when "
-                                                                 "records carry no fs; empty = a window a second")
+    sample_rate_hz: float | None = Field(None, gt=0, description="Sampling rate the quality check assumes for "
+                                                                 "fixed windows; empty = a window a second")
 
     # Sensor state
     sensor_idle_timeout_s: float = Field(600.0, gt=0,
