@@ -110,6 +110,16 @@ def test_idle_sensors_are_dropped_with_a_tombstone_and_the_store_is_bounded():
     assert (0, b"b", None) in states.changes()
 
 
+def test_a_reset_policy_reaches_the_changelog_and_the_calibration_stays():
+    states = make_states()
+    feed(states, "a", errors(WARMUP + 2))
+    states.changes()
+    threshold = states.calibrated_threshold((0, "a"))
+    states.reset_policy((0, "a"))
+    copy = restored_from(states)
+    assert copy.policy.snapshot((0, "a")) is None and copy.calibrated_threshold((0, "a")) == threshold
+
+
 def test_state_records_are_a_few_hundred_bytes_once_calibrated():
     states = make_states()
     feed(states, "sensor-0001", errors(WARMUP + 1))

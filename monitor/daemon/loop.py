@@ -549,7 +549,7 @@ class Monitor:
                                 threshold=self.threshold, model_version=self.scorer.model_version, detected_at=now)
             self.outbox.send(self.settings.alerts_topic, key[1].encode(), alert.to_bytes())
             self.ledger.sent(key[0], self.ledger.positions.get(key[0], 0))
-            self.states.policy.forget([key])
+            self.states.reset_policy(key)  # the changelog learns it too: a restart does not reopen it
             self.metrics.alerts.labels(state="resolved").inc()
             log.info("alert resolved: sensor evicted while firing", extra={"alert_id": alert.alert_id})
         starts.clear()

@@ -114,6 +114,13 @@ class SensorStates:
         return Outcome(calibrated, transitions, self.calibrator.phase(sensor.calibration),
                        self.calibrator.threshold_error(sensor.calibration, self.policy.config.fire_level))
 
+    def reset_policy(self, key: SensorKey) -> None:
+        """Forget the sensor's policy state (e.g. its open alert was resolved on eviction), keeping its
+        calibration; the change goes to the changelog with the next changes()."""
+        self.policy.forget([key])
+        if key in self._sensors:
+            self._dirty.add(key)
+
     def calibrating(self) -> int:
         return sum(1 for s in self._sensors.values() if self.calibrator.phase(s.calibration) == CALIBRATING)
 
