@@ -43,13 +43,13 @@ def check_model(settings: MonitorSettings, problems: list[str]) -> dict[str, Any
     from monitor.core.scoring import ArtefactError, Scorer
 
     try:
-        scorer = Scorer.from_file(settings.model_path, device=settings.device, max_batch=settings.max_batch)
+        scorer = Scorer.from_file(settings.model_file, device=settings.device, max_batch=settings.max_batch)
         warm_up_score = scorer.warm_up()
     except (ArtefactError, RuntimeError) as exc:
         problems.append(f"model: {exc}")
         return None
     hop = settings.hop or scorer.window_length
-    return {"path": str(settings.model_path), "model_version": scorer.model_version,
+    return {"path": str(settings.model_file), "model_version": scorer.model_version,
             "window_length": scorer.window_length, "hop": hop, "threshold": scorer.threshold,
             "reduction": scorer.artefact.reduction, "device": str(scorer.device), "warm_up_score": warm_up_score}
 

@@ -330,7 +330,7 @@ class Monitor:
             return None
         raw = getattr(window, "raw", None)
         values = window.values if raw is None else raw
-        fs = getattr(window, "fs", None) or self.settings.sample_rate_hz or float(len(values))
+        fs = getattr(window, "fs", None) or self.settings.default_fs or float(len(values))
         return quality.check(values, fs).reason
 
     # -- delivery: the ledger's checkpoint flushes, then commits through here ---------------------
@@ -741,9 +741,9 @@ def load_scorer(settings: MonitorSettings) -> Scorer:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    scorer = Scorer.from_file(settings.model_path, device=settings.device, max_batch=settings.max_batch)
+    scorer = Scorer.from_file(settings.model_file, device=settings.device, max_batch=settings.max_batch)
     scorer.warm_up()  # also refuses a model whose score is not finite (ArtefactError)
-    log.info("model loaded", extra={"path": str(settings.model_path), "model_version": scorer.model_version,
+    log.info("model loaded", extra={"path": str(settings.model_file), "model_version": scorer.model_version,
                                     "window_length": scorer.window_length, "threshold": scorer.threshold,
                                     "device": str(scorer.device)})
     return scorer

@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitor.stream.wire import DEAD_LETTER_VALUE_BYTES, DEAD_LETTER_VALUE_BYTES_LIMIT
 
+#: The default model, shipped as package data (its model card: docs/model-card.md).
+SHIPPED_MODEL_PATH = Path(__file__).resolve().parents[1] / "models" / "default.pt"
 #: The settings that name Kafka topics (scores_topic may be empty: off).
 TOPIC_SETTINGS = ("input_topic", "alerts_topic", "dlq_topic", "scores_topic", "state_topic")
 #: Kafka's rule for topic names (besides "." and ".."); an illegal name would only fail at the first send.
@@ -50,15 +52,17 @@ class MonitorSettings(BaseSettings):
         "earliest", description="Where a group with no committed offset starts reading")
 
     # Model and scoring
-    model_path: Path = Field(Path("models/ecg-lstm-ae.pt"), description="Model artefact from `trainer fit`")
+    model_path: Path | None = Field(None, description="Model artefact from `trainer fit`; empty = the model "
+                                                     "shipped with the package (monitor/models/default.pt)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch: int = Field(512, ge=1, le=65536, description="Most windows scored in one batch")
     max_wait_ms: int = Field(10, ge=0, le=60_000, description="Longest a complete window waits for its batch")
     hop: int | None = Field(None, ge=1, description="Samples between window starts; empty = window length")
     windowing: Literal["auto", "fixed", "beats"] = Field(
         "auto", description="Windows to score: auto = the artefact's convention, fixed (every L samples) or beats")
-    default_fs: float | None = Field(None, gt=0, description="Sampling rate (Hz) of records without fs, for beat "
-                                                              "windows; empty = such records are dead-lettered")
+    default_fs: float | None = Field(None, gt=0, description="Sampling rate (Hz) of records without fs: beat windows "
+                                     "need one (empty = such records are dead-lettered); the quality check of fixed "
+                                     "windows assumes it (empty = a window a second)")
     max_record_bytes: int = Field(1 << 20, ge=64, description="Larger input records go to the dead-letter topic")
     dlq_max_value_bytes: int = Field(DEAD_LETTER_VALUE_BYTES, ge=0, le=DEAD_LETTER_VALUE_BYTES_LIMIT,
                                      description="Most bytes of a rejected record a dead letter carries")
@@ -79,8 +83,6 @@ class MonitorSettings(BaseSettings):
                                                                          "empty = 150")
     quality_gating: bool = Field(True, description="Check each window's signal quality; bad ones raise no "
                                                    "anomaly alert")
-    sample_rate_hz: float | None = Field(None, gt=0, description="Sampling rate the quality check assumes for "
-                                                                 "fixed windows; empty = a window a second")
 
     # Sensor state
     sensor_idle_timeout_s: float = Field(600.0, gt=0,
@@ -140,6 +142,11 @@ class MonitorSettings(BaseSettings):
         if len(set(topics)) != len(topics):
             raise ValueError("the input, alerts, dead-letter, scores and state topics must differ")
         return self
+
+    @property
+    def model_file(self) -> Path:
+        """The artefact to load: MONITOR_MODEL_PATH, else the model shipped with the package."""
+        return self.model_path or SHIPPED_MODEL_PATH
 
     def kafka_common(self) -> dict[str, Any]:
         """Connection options shared by consumer, producer and admin client (kafka-python names)."""
