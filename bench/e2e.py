@@ -27,6 +27,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,8 @@ from monitor.core.scoring import Scorer
 from monitor.stream.wire import ScoreRecord, encode_input
 from monitor.tools.broker import EmbeddedBroker, free_port
 from monitor.tools.harness import DaemonError, DaemonProcess, monitor_env
-from monitor.tools.replay import BeatPool, build_ecg_streams, load_beat_pool, make_producer, replay
+from monitor.tools.replay import (BeatPool, SensorStream, build_ecg_streams, load_beat_pool, make_producer,
+                                  replay)
 
 REPO = Path(__file__).resolve().parents[1]
 FS = 140.0
@@ -122,6 +124,13 @@ def raw_scorer_rate(artefact: Artefact, device: str, seconds: float) -> float:
     return rate(lambda: scorer.score(windows), MAX_BATCH, seconds)
 
 
+def steady_span(counts: list[tuple[float, float]], total: float) -> tuple[int, int] | None:
+    """Indices of the first and last (time, count) poll between 10% and 90% of `total` (start-up and
+    tail excluded); None when fewer than three polls fall inside (a small backlog)."""
+    inside = [i for i, (_, n) in enumerate(counts) if 0.1 * total <= n <= 0.9 * total]
+    return (inside[0], inside[-1]) if len(inside) >= 3 else None
+
+
 def measure_drain(daemon: DaemonProcess, total: int, timeout_s: float) -> dict:
     """Poll windows_scored_total until the whole backlog is scored; the rate is the slope
     between 10% and 90% of it (start-up and tail excluded)."""
@@ -133,9 +142,9 @@ def measure_drain(daemon: DaemonProcess, total: int, timeout_s: float) -> dict:
                                f"in {timeout_s:.0f} s")
         samples.append((time.monotonic(), daemon.metric("ecg_monitor_windows_scored_total")))
         time.sleep(0.25)
-    inside = [s for s in samples if 0.1 * total <= s[1] <= 0.9 * total]
-    if len(inside) >= 3:  # enough polls for the steady part alone
-        (t0, n0), (t1, n1) = inside[0], inside[-1]
+    span = steady_span(samples, total)
+    if span is not None:  # enough polls for the steady part alone
+        (t0, n0), (t1, n1) = samples[span[0]], samples[span[1]]
         basis = "10% to 90% of the backlog"
     else:  # a small backlog, perhaps scored before the first poll: from before readiness to the end
         (t0, n0), (t1, n1) = (daemon.last_not_ready_at, 0.0), samples[-1]
@@ -144,16 +153,13 @@ def measure_drain(daemon: DaemonProcess, total: int, timeout_s: float) -> dict:
             "windows_per_s": (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")}
 
 
-def paced_produce(producer, topic: str, pool: BeatPool, sensors: int, seconds: float, prefix: str,
-                  seed: int) -> dict[tuple[str, int], float]:
-    """Real-time sensors (140 Hz, 35-sample records) for `seconds`; sensor i starts i/N of a
-    window late, so window completions spread evenly over time. Returns (sensor, end_seq) -> ts."""
-    streams = build_ecg_streams(pool, sensors=sensors, anomalous_fraction=0.25, beats_per_sensor=30,
-                                seed=seed, prefix=prefix)
+def paced_produce(producer, topic: str, streams: list[SensorStream], seconds: float, chunk: int,
+                  stagger_s: float) -> dict[tuple[str, int], float]:
+    """Real-time sensors (each at its stream's fs, `chunk`-sample records) for `seconds`; sensor i
+    starts i/N of `stagger_s` late, so window completions spread evenly over time. Returns
+    (sensor, record end_seq) -> the time the record was handed to the producer (its ts)."""
     keys = [s.sensor_id.encode() for s in streams]
-    interval = CHUNK / FS
-    window_period = pool.normal.shape[1] / FS
-    due = [(window_period * i / sensors, i, 0) for i in range(sensors)]
+    due = [(stagger_s * i / len(streams), i, 0) for i in range(len(streams))]
     heapq.heapify(due)
     produced: dict[tuple[str, int], float] = {}
     # A full collection of this process's heap (the scorer benchmark ran here) would hold up the
@@ -171,17 +177,19 @@ def paced_produce(producer, topic: str, pool: BeatPool, sensors: int, seconds: f
         stream = streams[i]
         ts = time.time()
         producer.send(topic, key=keys[i], value=encode_input(stream.sensor_id, seq,
-                                                             stream.chunk(seq, CHUNK, True).tolist(), ts=ts, fs=FS))
-        produced[(stream.sensor_id, seq + CHUNK)] = ts
-        heapq.heappush(due, (at + interval, i, seq + CHUNK))
+                                                             stream.chunk(seq, chunk, True).tolist(), ts=ts,
+                                                             fs=stream.fs))
+        produced[(stream.sensor_id, seq + chunk)] = ts
+        heapq.heappush(due, (at + chunk / stream.fs, i, seq + chunk))
     producer.flush()
     return produced
 
 
-def read_scores(bootstrap: str, topic: str, prefix: str, expected: int,
-                timeout_s: float) -> dict[tuple[str, int], float]:
-    """(sensor, window_end_seq) -> Kafka timestamp (s) of the first score record of each window
-    of sensors whose id starts with `prefix`."""
+def read_scores(bootstrap: str, topic: str, prefix: str, expected: int, timeout_s: float,
+                key: Callable[[ScoreRecord], tuple[str, int]] = lambda s: (s.sensor_id, s.window_end_seq),
+                ) -> dict[tuple[str, int], float]:
+    """key(score) (default: sensor, window_end_seq) -> Kafka timestamp (s) of the first score
+    record of each window of sensors whose id starts with `prefix`."""
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                              enable_auto_commit=False, group_id=None, consumer_timeout_ms=1000)
     found: dict[tuple[str, int], float] = {}
@@ -191,7 +199,7 @@ def read_scores(bootstrap: str, topic: str, prefix: str, expected: int,
             for message in consumer:
                 if message.key and message.key.decode().startswith(prefix):
                     score = ScoreRecord.model_validate_json(message.value)
-                    found.setdefault((score.sensor_id, score.window_end_seq), message.timestamp / 1000)
+                    found.setdefault(key(score), message.timestamp / 1000)
                 if len(found) >= expected:
                     break
     finally:
@@ -207,7 +215,10 @@ def latency_run(bootstrap: str, topics: dict, pool: BeatPool, load: float, max_r
     producer = make_producer(bootstrap)
     started = time.monotonic()
     cpu = CpuMeter(pids)
-    produced = paced_produce(producer, topics["input"], pool, sensors, seconds, prefix, seed=seed)
+    streams = build_ecg_streams(pool, sensors=sensors, anomalous_fraction=0.25, beats_per_sensor=30,
+                                seed=seed, prefix=prefix)
+    produced = paced_produce(producer, topics["input"], streams, seconds, CHUNK,
+                             stagger_s=pool.normal.shape[1] / FS)
     production_s = time.monotonic() - started
     cores = cpu.cores()
     producer.close()
@@ -291,9 +302,10 @@ def fresh_broker(work: Path, name: str, partitions: int):
 
 @contextlib.contextmanager
 def running_daemon(broker: EmbeddedBroker, work: Path, name: str, model: Path, device: str,
-                   threads: int | None, exit_codes: list[int]):
-    """A ready daemon on the bench topics; its exit code is appended to `exit_codes` when it stops."""
-    env = monitor_env(bootstrap_servers=broker.bootstrap, input_topic=TOPICS["input"],
+                   threads: int | None, exit_codes: list[int], **settings: object):
+    """A ready daemon on the bench topics (plus MONITOR_* `settings`); its exit code is appended to
+    `exit_codes` when it stops."""
+    env = monitor_env(settings, bootstrap_servers=broker.bootstrap, input_topic=TOPICS["input"],
                       alerts_topic=TOPICS["alerts"], dlq_topic=TOPICS["dlq"], scores_topic=TOPICS["scores"],
                       group_id="bench", model_path=model, device=device, metrics_host="127.0.0.1",
                       metrics_port=free_port(), max_batch=MAX_BATCH, sensor_idle_timeout_s=7200,

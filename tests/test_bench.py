@@ -3,14 +3,16 @@ real broker and daemon; checks the structure of what is written, never the timin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 
-from bench import tally
+from bench import beats, tally
 from bench.__main__ import main as bench_main
 from bench.scorer import MODELS, untrained_artefact
+from monitor.core.artefact import Artefact
 from monitor.core.model import ModelConfig
 
 
@@ -78,3 +80,15 @@ def test_the_reliability_tally_sums_figures_per_test(tmp_path, monkeypatch):
     summary = tally.summarise(path)
     assert summary["tests"]["a"] == {"records_tried": 7, "windows_lost": 0, "faults_injected": 1}
     assert summary["totals"] == {"records_tried": 17, "windows_lost": 2, "faults_injected": 1}
+
+
+@pytest.mark.skipif(not beats.RECORD.is_file(), reason="MIT-BIH record 100 not available")
+def test_beats_segmenter_cost_is_measured_beside_fixed_windows():
+    """`python -m bench.beats`, part 1 only (its --quick run takes over a minute): beat and fixed
+    windowing of the same records of MIT-BIH record 100, costs per second of signal."""
+    sizes = dataclasses.replace(beats.Sizes.for_run(quick=True), segmenter_seconds=30, turns=1)
+    cost = beats.segmenter_cost(Artefact.load(beats.MODEL), sizes)
+    assert cost["beats_per_turn"] > 0  # 30 s of signal, past the warm-up of detector and polarity
+    assert set(cost["cpu_s_per_signal_s"]) == {"beats", "detector_alone", "fixed"}
+    assert all(seconds > 0 for seconds in cost["cpu_s_per_signal_s"].values())
+    assert cost["beats_vs_fixed_cost"] > 0
