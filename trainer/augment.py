@@ -33,6 +33,10 @@ class Augmentation:
         return asdict(self)
 
 
+#: no transform at all (beats only re-z-scored): for a source whose own morphology must stay sharp
+NONE = Augmentation(time_warp=0.0, shift=0.0, wander=0.0, repolarisation_scale=0.0, noise=0.0)
+
+
 def augment(beats: np.ndarray, rng: np.random.Generator, spec: Augmentation = Augmentation()) -> np.ndarray:
     """Augmented copies of z-scored beats, shape (n, length) or (n, length, 1), float32, z-scored."""
     x = np.asarray(beats, dtype=np.float64)
