@@ -166,7 +166,7 @@ class Recipe:
     #: per-source strengths that replace `augmentation` for that source (by source name). ECG5000's
     #: beats are not augmented: the other sources (augmented) teach tolerance of other patients, while
     #: ECG5000's own anomalies (R-on-T, PVC) stay far from its sharp normal morphology. Augmenting them
-    #: too cost ECG5000's test AUROC 0.98 -> 0.95 and did not help the synthetic-patient validation
+    #: too cost ECG5000's test AUROC 0.98 -> 0.95 and scored worse on the synthetic-patient validation
     #: (docs/model-card.md).
     source_augmentation: tuple[tuple[str, augment_mod.Augmentation], ...] = (("ecg5000", augment_mod.NONE),)
 
