@@ -131,7 +131,7 @@ class HttpServer:
             writer.write(self._respond(head))
             await asyncio.wait_for(writer.drain(), self._timeout_s)
             writer.close()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.transport.abort()  # slow, half-open, oversized or gone: drop it, buffers and all
         finally:
             self._open.pop(writer, None)
