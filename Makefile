@@ -27,6 +27,8 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 test: $(STAMP) system-deps
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)

@@ -156,7 +156,8 @@ def check_alerts(alerts: list[dict], beats: Beats, streams: dict, flags: dict) -
 
 # -- kill -9 -----------------------------------------------------------------------------------
 
-def test_kill_9_mid_stream_twice_then_restart_loses_no_window_and_keeps_alert_ids(broker, beats, tmp_path, topic_prefix):
+def test_kill_9_mid_stream_twice_then_restart_loses_no_window_and_keeps_alert_ids(broker, beats, tmp_path,
+                                                                                   topic_prefix):
     topics = Topics.for_prefix(topic_prefix).create(broker.bootstrap, partitions=3)
     env = monitor_env(broker.bootstrap, topics, beats.model, MONITOR_CALIBRATION_WARMUP_BEATS=WARMUP,
                       MONITOR_MAX_BATCH=16)
@@ -168,8 +169,8 @@ def test_kill_9_mid_stream_twice_then_restart_loses_no_window_and_keeps_alert_id
         daemon = MonitorProcess(env, log_path=tmp_path / f"run{run}.log").start()
         if run == 0:
             finish = produce_in_background(broker.bootstrap, topics.input, records, seconds=12)
-        wait_for(lambda: daemon.metric(SCORED) >= len(expected) // 5, 90,
-                 message=lambda: daemon.log_text()[-2000:])
+        wait_for(lambda daemon=daemon: daemon.metric(SCORED) >= len(expected) // 5, 90,
+                 message=lambda daemon=daemon: daemon.log_text()[-2000:])
         assert daemon.kill() == -9
         kills += 1
         before = windows_of(scored(broker.bootstrap, topics.scores))
@@ -189,7 +190,8 @@ def test_kill_9_mid_stream_twice_then_restart_loses_no_window_and_keeps_alert_id
 
 # -- two daemons in one group ------------------------------------------------------------------
 
-def test_two_daemons_share_the_partitions_and_one_takes_over_when_the_other_is_killed(broker, beats, tmp_path, topic_prefix):
+def test_two_daemons_share_the_partitions_and_one_takes_over_when_the_other_is_killed(broker, beats, tmp_path,
+                                                                                      topic_prefix):
     topics = Topics.for_prefix(topic_prefix).create(broker.bootstrap, partitions=4)
     env = monitor_env(broker.bootstrap, topics, beats.model, MONITOR_CALIBRATION_WARMUP_BEATS=WARMUP,
                       MONITOR_MAX_BATCH=16)
@@ -199,9 +201,10 @@ def test_two_daemons_share_the_partitions_and_one_takes_over_when_the_other_is_k
     half = len(records) // 2
     with MonitorProcess(env, log_path=tmp_path / "a.log") as a, \
             MonitorProcess({**env, "MONITOR_METRICS_PORT": str(free_port())}, log_path=tmp_path / "b.log") as b:
-        wait_for(lambda: a.metric("ecg_monitor_assigned_partitions") + b.metric("ecg_monitor_assigned_partitions") == 4
-                 and a.metric("ecg_monitor_assigned_partitions") > 0 and b.metric("ecg_monitor_assigned_partitions") > 0,
-                 60, message="the partitions did not split between the two daemons")
+        assigned = "ecg_monitor_assigned_partitions"
+        wait_for(lambda: a.metric(assigned) > 0 and b.metric(assigned) > 0
+                 and a.metric(assigned) + b.metric(assigned) == 4, 60,
+                 message="the partitions did not split between the two daemons")
         produce(broker.bootstrap, topics.input, records[:half])
         wait_for(lambda: a.metric(SCORED) > 0 and b.metric(SCORED) > 0, 60, message="both daemons should score")
         finish = produce_in_background(broker.bootstrap, topics.input, records[half:], seconds=6)
@@ -289,7 +292,7 @@ def bad_records(count: int) -> tuple[list[tuple[bytes, bytes]], Counter]:
         "oversized": lambda k: json.dumps({"sensor_id": k, **good, "pad": "x" * MAX_RECORD_BYTES}),
         "not_json": lambda k: f"{{{k} this is not json",
         "schema": lambda k: json.dumps({"sensor_id": k, **good, "seq": "twelve"}),
-        "non_finite": lambda k: '{"sensor_id": "%s", "seq": 0, "values": [0.1, NaN]}' % k,
+        "non_finite": lambda k: '{"sensor_id": "' + k + '", "seq": 0, "values": [0.1, NaN]}',
         "empty_values": lambda k: json.dumps({"sensor_id": k, **good, "values": []}),
         "key_mismatch": lambda k: json.dumps({"sensor_id": k + "-other", **good}),
     }
@@ -303,7 +306,8 @@ def bad_records(count: int) -> tuple[list[tuple[bytes, bytes]], Counter]:
     return out, reasons
 
 
-def test_a_burst_of_10k_bad_records_is_dead_lettered_and_does_not_stall_the_good_ones(broker, beats, tmp_path, topic_prefix):
+def test_a_burst_of_10k_bad_records_is_dead_lettered_and_does_not_stall_the_good_ones(broker, beats, tmp_path,
+                                                                                      topic_prefix):
     topics = Topics.for_prefix(topic_prefix).create(broker.bootstrap, partitions=3)
     env = monitor_env(broker.bootstrap, topics, beats.model, MONITOR_CALIBRATION_WARMUP_BEATS=WARMUP,
                       MONITOR_MAX_RECORD_BYTES=MAX_RECORD_BYTES)
@@ -329,6 +333,6 @@ def test_a_burst_of_10k_bad_records_is_dead_lettered_and_does_not_stall_the_good
     dead = [DeadLetter.model_validate_json(r.value) for r in letters]
     assert len(dead) == BAD_RECORDS  # each exactly once: nothing was redelivered in this run
     assert Counter(d.reason for d in dead) == reasons
-    for record, letter in zip(letters, dead):
+    for record, letter in zip(letters, dead, strict=True):
         assert dict(record.headers)["dlq.reason"] == letter.reason.encode()
     assert Counter((base64.b64decode(d.key_b64), d.original_value()) for d in dead) == Counter(bad)

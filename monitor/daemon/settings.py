@@ -171,7 +171,7 @@ def load_settings(env_file: str | Path | None) -> MonitorSettings | None:
     """The settings from the environment and `env_file`; None after printing why they are invalid
     to stderr (the commands then exit with status 2)."""
     try:
-        return MonitorSettings(_env_file=env_file)  # type: ignore[call-arg]  # pydantic-settings' init option
+        return MonitorSettings(_env_file=env_file)
     except ValidationError as exc:
         print(f"invalid settings:\n{describe_errors(exc)}", file=sys.stderr)
         return None
