@@ -31,6 +31,7 @@ from monitor.core.scoring import Scorer
 from monitor.stream.beats import BeatConvention, Polarity, estimate_polarity, segment
 from trainer import augment as augment_mod
 from trainer import data as data_mod
+from trainer.evaluate import error_stats
 from trainer.fit import FitResult, deterministic, train_autoencoder
 from trainer.pipeline import model_version, versions
 from trainer.split import split_indices
@@ -222,6 +223,8 @@ def fit_sources(sources: Sources, recipe: Recipe = Recipe(), seed: int = 0, prog
     artefact.threshold_method = {"method": "percentile", "percentile": recipe.threshold_percentile}
     artefact.metadata = json.loads(json.dumps({
         "windowing": sources.convention.to_dict(),
+        # the daemon's per-sensor calibration starts from these (monitor.stream.calibration.Prior.from_stats)
+        "validation_errors": error_stats(val_errors),
         "data": {"sources": sources.describe(), "train": len(train), "val": len(val), **sources.notes},
         "recipe": {**{k: v for k, v in vars(recipe).items() if "augmentation" not in k},
                    "augmentation": recipe.augmentation.to_dict(),
