@@ -5,7 +5,7 @@ Shared by the daemon, deploy and reliability suites; import as `from tests.suppo
 
     topics = Topics.for_prefix(topic_prefix)
     topics.create(broker.bootstrap, partitions=3)
-    env = monitor_env(broker.bootstrap, topics, trained_model, MONITOR_ALERT_K="2")
+    env = monitor_env(broker.bootstrap, topics, trained_model, MONITOR_MAX_BATCH="8")
     with MonitorProcess(env, log_path=tmp_path / "monitor.log") as monitor:
         produce(broker.bootstrap, topics.input, stream_records({"s1": beats}, chunk=70))
         wait_for(lambda: monitor.metric("ecg_monitor_windows_scored_total") >= len(beats), 60)
@@ -69,7 +69,7 @@ def monitor_env(bootstrap: str, topics: Topics, model_path: Path, *, scores: boo
                 group_id: str | None = None, **overrides: Any) -> dict[str, str]:
     """MONITOR_* environment for a test daemon: the given broker and topics, a free metrics port,
     short group timeouts (Tansu joins take about the rebalance timeout) and small batches.
-    Keyword overrides use the env names, e.g. MONITOR_ALERT_K="1"."""
+    Keyword overrides use the env names, e.g. MONITOR_MAX_BATCH="1"."""
     return harness.monitor_env(
         bootstrap_servers=bootstrap,
         group_id=group_id or f"{topics.input}.monitor",

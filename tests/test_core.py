@@ -29,7 +29,6 @@ def test_settings_read_environment_and_hide_secrets(monkeypatch):
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"MONITOR_ALERT_K": "4", "MONITOR_ALERT_N": "3"}, "alert_k"),
     ({"MONITOR_DEVICE": "tpu"}, "device"),
     ({"MONITOR_ALERTS_TOPIC": "ecg.samples"}, "topics must differ"),
     ({"MONITOR_SECURITY_PROTOCOL": "SASL_SSL"}, "SASL_MECHANISM"),

@@ -247,6 +247,6 @@ def test_check_reports_settings_model_and_topics(broker, trained_model, topic_pr
     assert missing.returncode == 1
     assert "nonexistent.pt" in missing.stdout and f"{topic_prefix}.nope" in missing.stdout
 
-    invalid = _check({**env, "MONITOR_ALERT_K": "5", "MONITOR_ALERT_N": "3"}, "--skip-broker")
-    assert invalid.returncode == 2 and "MONITOR_ALERT_K" in invalid.stderr  # errors go to stderr
+    invalid = _check({**env, "MONITOR_ALERTS_TOPIC": env["MONITOR_INPUT_TOPIC"]}, "--skip-broker")
+    assert invalid.returncode == 2 and "topics must differ" in invalid.stderr  # errors go to stderr
     assert "hunter2" not in invalid.stdout + invalid.stderr  # the model-level error's input held it

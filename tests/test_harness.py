@@ -36,15 +36,15 @@ def test_metrics_by_key_by_labels_summed_and_as_histogram_buckets():
 
 
 def test_monitor_env_takes_setting_names_or_variable_names_and_leaves_out_none():
-    env = monitor_env({"alert_k": 2}, bootstrap_servers="k:9092", MONITOR_SCORES_TOPIC="", torch_threads=None)
-    assert env == {"MONITOR_ALERT_K": "2", "MONITOR_BOOTSTRAP_SERVERS": "k:9092", "MONITOR_SCORES_TOPIC": ""}
+    env = monitor_env({"max_batch": 2}, bootstrap_servers="k:9092", MONITOR_SCORES_TOPIC="", torch_threads=None)
+    assert env == {"MONITOR_MAX_BATCH": "2", "MONITOR_BOOTSTRAP_SERVERS": "k:9092", "MONITOR_SCORES_TOPIC": ""}
 
 
 def test_the_daemon_sees_only_the_settings_it_is_given(monkeypatch):
-    monkeypatch.setenv("MONITOR_ALERT_K", "9")  # a stray setting in the caller's shell
+    monkeypatch.setenv("MONITOR_MAX_BATCH", "9")  # a stray setting in the caller's shell
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
-    env = daemon_environment({"MONITOR_ALERT_N": "3"})
-    assert env["MONITOR_ALERT_N"] == "3" and "MONITOR_ALERT_K" not in env
+    env = daemon_environment({"MONITOR_MAX_WAIT_MS": "3"})
+    assert env["MONITOR_MAX_WAIT_MS"] == "3" and "MONITOR_MAX_BATCH" not in env
     assert env["PYTHONPATH"].split(":") == [str(REPO_ROOT), "/elsewhere"]  # this checkout's code first
 
 

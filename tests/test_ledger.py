@@ -190,7 +190,7 @@ class Rig:
 
 def make_settings(**overrides: Any) -> MonitorSettings:
     values = dict(input_topic=TOPIC, scores_topic=SCORES, alerts_topic=ALERTS, dlq_topic="dlq", max_batch=3,
-                  max_wait_ms=10, alert_k=2, alert_n=3, resolve_m=2, sensor_idle_timeout_s=30.0,
+                  max_wait_ms=10, sensor_idle_timeout_s=30.0,
                   shutdown_timeout_s=20.0)
     values.update(overrides)
     return MonitorSettings(_env_file=None, **values)

@@ -68,11 +68,6 @@ class MonitorSettings(BaseSettings):
                                      description="Most bytes of a rejected record a dead letter carries")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; empty = torch default")
 
-    # Alert policy (round 1, no longer used by the daemon: kept so existing env files still validate)
-    alert_k: int = Field(2, ge=1)
-    alert_n: int = Field(3, ge=1)
-    resolve_m: int = Field(3, ge=1)
-
     # Calibrated alert policy: empty = the artefact's operating point (its "policy"), else the defaults
     alert_fire_level: float | None = Field(None, gt=0, description="Fire when the aggregate of calibrated "
                                                                    "scores exceeds this")
@@ -92,8 +87,6 @@ class MonitorSettings(BaseSettings):
     reorder_slots: int = Field(4, ge=0,
                                description="Records per sensor held while waiting for a missing earlier record")
     reorder_timeout_s: float = Field(2.0, gt=0, description="A missing record not seen by then is a gap")
-    replay_max_windows: int = Field(1000, ge=1, description="Longest alert episode (windows) held uncommitted "
-                                                            "so a restart re-derives the same alert ids")
     state_idle_timeout_s: float = Field(86_400.0, gt=0, description="Drop a sensor's calibration after this "
                                                                     "long without data (tombstone)")
 
@@ -134,8 +127,6 @@ class MonitorSettings(BaseSettings):
     # The messages name settings, never values: load_settings prints them (secrets stay unprinted).
     @model_validator(mode="after")
     def _check(self) -> MonitorSettings:
-        if self.alert_k > self.alert_n:
-            raise ValueError("MONITOR_ALERT_K must be <= MONITOR_ALERT_N")
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
             raise ValueError("security_protocol SASL_* needs MONITOR_SASL_MECHANISM")
         topics = [getattr(self, name) for name in TOPIC_SETTINGS if getattr(self, name)]

@@ -1,4 +1,7 @@
-"""The alert policy: per sensor, fire on k of the last n windows, resolve after m normal windows.
+"""Alert policies. `ScorePolicy` (below) is the daemon's, on calibrated beat scores. `AlertPolicy`
+is round 1's, which the daemon no longer uses: trainer/streams.py keeps it as the baseline that
+the calibrated policy is compared with. Per sensor, it fires on k of the last n windows and
+resolves after m normal windows:
 
 - closed -> firing: the window is anomalous and at least `k` of the last `n` windows
   (this one included) are anomalous. An open alert does not fire again.
@@ -43,6 +46,9 @@ class _State:
 
 @dataclass
 class AlertPolicy:
+    """Round 1's k-of-n policy (see the module docstring). Not used by the daemon (it runs
+    `ScorePolicy`); kept as the baseline for trainer/streams.py's comparisons."""
+
     k: int = 2
     n: int = 3
     m: int = 3

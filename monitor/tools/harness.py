@@ -41,8 +41,8 @@ def monitor_env(settings: Mapping[str, object] | None = None, **more: object) ->
     """MONITOR_* variables from setting names or variable names, values as strings; a None
     value leaves the variable out (the daemon's default applies):
 
-        monitor_env(bootstrap_servers="kafka:9092", alert_k=2, torch_threads=None)
-        == {"MONITOR_BOOTSTRAP_SERVERS": "kafka:9092", "MONITOR_ALERT_K": "2"}
+        monitor_env(bootstrap_servers="kafka:9092", max_batch=2, torch_threads=None)
+        == {"MONITOR_BOOTSTRAP_SERVERS": "kafka:9092", "MONITOR_MAX_BATCH": "2"}
     """
     merged = {**(settings or {}), **more}
     return {_variable(name): str(value) for name, value in merged.items() if value is not None}
