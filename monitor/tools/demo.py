@@ -228,6 +228,8 @@ def summarise(streams: list[SensorStream], alerts: list[AlertRecord], log: SendL
 class LiveView:
     """A rich renderable: a progress line and the latest alerts, checked against the ground truth."""
 
+    COLUMNS = ("time", "sensor", "state", "window (seq)", "beat", "score / thr", "latency", "ground truth")
+
     def __init__(self, streams: list[SensorStream], log: SendLog, watcher_alerts: list[AlertRecord]) -> None:
         self.streams = {s.sensor_id: s for s in streams}
         self.total_records = sum(math.ceil(len(s) / log.samples_per_message) for s in streams)
@@ -235,14 +237,15 @@ class LiveView:
         self.log, self.alerts = log, watcher_alerts
         self.phase, self.windows = "starting", 0
 
+    def progress(self) -> str:
+        return (f"records {self.log.records:,}/{self.total_records:,}   "
+                f"windows scored {self.windows:,}/{self.windows_expected:,}   alerts {len(self.alerts)}")
+
     def __rich__(self) -> Group:
-        status = Text.assemble((f"{self.phase:<9} ", "bold"),
-                               f"records {self.log.records:,}/{self.total_records:,}   "
-                               f"windows scored {self.windows:,}/{self.windows_expected:,}   "
-                               f"alerts {len(self.alerts)}")
+        status = Text.assemble((f"{self.phase:<9} ", "bold"), self.progress())
         bar = ProgressBar(total=max(self.total_records, 1), completed=self.log.records, width=60)
         table = Table(title="alerts (newest last)", title_justify="left", expand=False)
-        for column in ("time", "sensor", "state", "window (seq)", "beat", "score / thr", "latency", "ground truth"):
+        for column in self.COLUMNS:
             table.add_column(column)
         shown = self.alerts[-TABLE_ROWS:]
         for alert in shown:
@@ -544,6 +547,9 @@ class RecordDemo:
 class RecordView(LiveView):
     """The live view of a recording: progress, windows scored, and each alert with the reference beats near it."""
 
+    COLUMNS = ("time", "sensor", "state", "window (seq)", "record time", "score / thr", "latency",
+               "reference beats within 2 s")
+
     def __init__(self, record: RecordDemo, log: SendLog, watcher_alerts: list[AlertRecord]) -> None:
         self.record, self.streams = record, {s.sensor_id: s for s in record.streams}
         self.total_records = sum(math.ceil(len(s) / log.samples_per_message) for s in record.streams)
@@ -551,21 +557,9 @@ class RecordView(LiveView):
         self.log, self.alerts = log, watcher_alerts
         self.phase, self.windows = "starting", 0
 
-    def __rich__(self) -> Group:
-        status = Text.assemble((f"{self.phase:<9} ", "bold"),
-                               f"records {self.log.records:,}/{self.total_records:,}   "
-                               f"windows scored {self.windows:,}   alerts {len(self.alerts)}")
-        bar = ProgressBar(total=max(self.total_records, 1), completed=self.log.records, width=60)
-        table = Table(title="alerts (newest last)", title_justify="left", expand=False)
-        for column in ("time", "sensor", "state", "window (seq)", "record time", "score / thr", "latency",
-                       "reference beats within 2 s"):
-            table.add_column(column)
-        shown = self.alerts[-TABLE_ROWS:]
-        for alert in shown:
-            table.add_row(*self.row(alert))
-        if len(self.alerts) > len(shown):
-            table.caption = f"{len(self.alerts) - len(shown)} earlier alerts not shown"
-        return Group(status, bar, Text(), table)
+    def progress(self) -> str:
+        return (f"records {self.log.records:,}/{self.total_records:,}   "
+                f"windows scored {self.windows:,}   alerts {len(self.alerts)}")
 
     def row(self, alert: AlertRecord) -> list:
         i = self.record.sensor_index(alert.sensor_id)
