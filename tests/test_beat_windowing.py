@@ -23,6 +23,7 @@ from monitor.daemon.settings import MonitorSettings
 from monitor.stream.beat_windowing import POLARITY_BEATS, SEGMENT_REASONS, BeatWindow, BeatWindower, convention_of
 from monitor.stream.beats import BeatConvention, estimate_polarity, segment
 from monitor.stream.rpeaks import OnlineRPeakDetector
+from monitor.stream.windowing import SensorLimit
 from monitor.stream.wire import InputRecord, InvalidRecord
 
 MITDB_100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb-100" / "100"
@@ -181,6 +182,39 @@ def test_memory_and_the_commit_stay_bounded(signal) -> None:
         lags.append(offset - windower.needed_offsets()[0])
     assert max(sizes) < 8 * 30 * FS  # under 30 s of float64 samples
     assert max(lags[len(lags) // 2:]) <= 40  # records of 1 s: about 15 beats plus the detector's 10 s
+
+
+def test_above_max_sensors_new_sensors_are_refused_not_the_live_ones_evicted(signal) -> None:
+    """Issue 12 for beat windows: four live sensors and room for two. The first two keep every beat; the others
+    are refused (SensorLimit: dead-lettered as over_capacity) instead of evicting the live ones in turn."""
+    x = signal[: int(40 * FS)]
+    streams = [records(x, 360, sensor=f"s{i}") for i in range(4)]
+    windower = new_windower(max_sensors=2)
+    beats: dict[str, list[BeatWindow]] = {f"s{i}": [] for i in range(4)}
+    refused = evicted = 0
+    for offset, (_, record) in enumerate(r for step in zip(*streams, strict=True) for r in step):
+        try:
+            windows, gone = windower.add(0, offset, record)
+        except SensorLimit:
+            refused += 1
+            continue
+        evicted += len(gone)
+        beats[record.sensor_id] += [w for w in windows if isinstance(w, BeatWindow)]
+    alone = feed(new_windower(), streams[0])
+    for sensor in ("s0", "s1"):
+        assert [(w.r_peak_seq, w.start_seq, w.end_seq) for w in beats[sensor]] == [
+            (w.r_peak_seq, w.start_seq, w.end_seq) for w in alone]
+    assert beats["s2"] == beats["s3"] == [] and refused == 2 * len(streams[0]) and evicted == 0
+    assert windower.stats.refused_records == refused and windower.stats.evicted_sensors == 0
+
+
+def test_the_loop_dead_letters_beat_sensors_above_the_limit(signal) -> None:
+    loop = _Loop(max_sensors=1)
+    kept = records(signal[: int(20 * FS)], 360)
+    loop.run(kept + records(signal[:720], 360, sensor="late"))
+    assert [s["r_peak_seq"] for s in loop.out("scores")] == [w.r_peak_seq for w in feed(new_windower(), kept)]
+    assert [d["reason"] for d in loop.out("dlq")] == ["over_capacity"] * 2
+    assert loop.metric("ecg_monitor_invalid_records_total", reason="over_capacity") == 2
 
 
 def test_the_windowing_mode_and_the_artefact_convention() -> None:

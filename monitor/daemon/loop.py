@@ -104,7 +104,8 @@ class Monitor:
             self.windower = BeatWindower(convention, default_fs=settings.default_fs,
                                          reorder_slots=settings.reorder_slots,
                                          reorder_timeout_s=settings.reorder_timeout_s, max_sensors=settings.max_sensors,
-                                         idle_timeout_s=settings.sensor_idle_timeout_s, clock=clock)
+                                         idle_timeout_s=settings.sensor_idle_timeout_s, clock=clock,
+                                         evict_min_idle_s=settings.evict_min_idle_s)
         self.batcher = Batcher(settings.max_batch, settings.max_wait_ms / 1000, clock=clock)
         # Per-sensor calibration and alert policy, restored from the changelog topic on assignment
         # (`changelog` None: no restore, every sensor starts fresh; unit tests over fakes).

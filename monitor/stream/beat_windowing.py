@@ -29,14 +29,16 @@ stream by about 15 beats plus the detector's 10 s window.
 At-least-once: each sensor knows the offset of the earliest record whose samples its detector or its
 polarity history still needs, and each window carries the earliest offset a replay must start from to cut it
 again. Memory per sensor is bounded: the detector's buffer (its window plus the pending beat, at most
-max_rr_s + 2 margins), POLARITY_BEATS QRS snippets, a few stashed records. At most `max_sensors` sensors
-(the idlest are evicted), idle ones are evicted.
+max_rr_s + 2 margins), POLARITY_BEATS QRS snippets, a few stashed records. Capacity as in Windower (the shared
+`SensorTable`): at most `max_sensors` sensors; a new one evicts the least recently seen only if that one has idled
+`evict_min_idle_s`, else it is refused (`SensorLimit`, dead-lettered as over_capacity), so live sensors never
+evict each other. Idle sensors are evicted after `idle_timeout_s`.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -48,6 +50,7 @@ from scipy import signal as sps
 
 from monitor.stream.beats import BeatConvention, Polarity, segment
 from monitor.stream.rpeaks import BeatSpan, DetectorConfig, OnlineRPeakDetector
+from monitor.stream.sensor_table import SensorTable
 from monitor.stream.windowing import Segment, SensorKey, Window, WindowStats
 from monitor.stream.wire import InputRecord, InvalidRecord
 
@@ -131,45 +134,39 @@ def convention_of(windowing: dict[str, Any] | None, mode: str, window_length: in
     return convention
 
 
-class BeatWindower:
+class BeatWindower(SensorTable[_Sensor, Window]):
     def __init__(self, convention: BeatConvention, *, default_fs: float | None = None,
                  detector: DetectorConfig | None = None, reorder_slots: int = 4, reorder_timeout_s: float = 2.0,
                  reset_after_s: float = 10.0, max_sensors: int = 200_000, idle_timeout_s: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 evict_min_idle_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stats = BeatStats()
+        super().__init__(self.stats, max_sensors=max_sensors, idle_timeout_s=idle_timeout_s,
+                         evict_min_idle_s=evict_min_idle_s, reorder_timeout_s=reorder_timeout_s, clock=clock)
         self.convention = convention
         self.length = convention.length
         self.default_fs = default_fs
         self.detector_config = detector or DetectorConfig()
         self.reorder_slots = reorder_slots
-        self.reorder_timeout_s = reorder_timeout_s
         self.reset_after_s = reset_after_s
-        self.max_sensors = max_sensors
-        self.idle_timeout_s = idle_timeout_s
-        self.clock = clock
-        self.stats = BeatStats()
         self.new_segments: list[Segment] = []  # since the caller last took them (it logs them)
-        self._sensors: OrderedDict[SensorKey, _Sensor] = OrderedDict()  # least recently seen first
-        self._stashing: set[SensorKey] = set()
-
-    def __len__(self) -> int:
-        return len(self._sensors)
 
     # -- input ---------------------------------------------------------------------------------
 
     def add(self, partition: int, offset: int, record: InputRecord) -> tuple[list[Window], list[SensorKey]]:
         """Feed one record; returns the beat windows it completed and the sensors evicted to make room.
-        InvalidRecord (reason schema) when the record has no `fs` and there is no default."""
+        InvalidRecord (reason schema) when the record has no `fs` and there is no default; SensorLimit for a new
+        sensor when no room can be made."""
         fs = record.fs or self.default_fs
         if fs is None:
             raise InvalidRecord("schema", "fs: required for beat windows (or set MONITOR_DEFAULT_FS)")
         now = self.clock()
         key = (partition, record.sensor_id)
         sensor = self._sensors.get(key)
-        evicted: list[SensorKey] = []
+        evicted = self._take_admit_evicted()
         out: list[Window] = []
         if sensor is None:
+            evicted += self._make_room(now)
             sensor = self._sensors[key] = self._new_sensor(key, fs, record.seq, now, "start")
-            evicted = self._evict_over_capacity()
         else:
             self._sensors.move_to_end(key)
             sensor.last_seen = now
@@ -283,49 +280,10 @@ class BeatWindower:
                 s = self._sensors[key] = self._new_sensor(key, s.fs, item.seq, s.last_seen, "gap", s)
             self._append(key, s, item.offset, item.record, out, now)
 
-    # -- housekeeping --------------------------------------------------------------------------
-
-    def sweep(self) -> tuple[list[Window], list[SensorKey]]:
-        """Close reorder holes that waited too long and evict idle sensors. Call about once a second."""
-        now = self.clock()
-        out: list[Window] = []
-        stale = [k for k in self._stashing
-                 if now - min(item.arrived for item in self._sensors[k].stash) >= self.reorder_timeout_s]
-        for key in stale:
-            self._close_hole(key, self._sensors[key], out)
-        evicted = []
-        while self._sensors:
-            key, sensor = next(iter(self._sensors.items()))
-            if now - sensor.last_seen < self.idle_timeout_s:
-                break
-            evicted.append(self._evict(key))
-        return out, evicted
-
-    def _evict_over_capacity(self) -> list[SensorKey]:
-        return [self._evict(next(iter(self._sensors))) for _ in range(len(self._sensors) - self.max_sensors)]
-
-    def _evict(self, key: SensorKey) -> SensorKey:
-        del self._sensors[key]
-        self._stashing.discard(key)
-        self.stats.evicted_sensors += 1
-        return key
-
-    def drop_partitions(self, partitions: set[int]) -> None:
-        """Forget the sensors of revoked partitions (their new owner replays from the commit)."""
-        for key in [k for k in self._sensors if k[0] in partitions]:
-            del self._sensors[key]
-            self._stashing.discard(key)
-
     # -- commit support ------------------------------------------------------------------------
 
-    def needed_offsets(self) -> dict[int, int]:
-        """Per partition, the earliest offset of a record whose samples a sensor still needs or stashes."""
-        needed: dict[int, int] = {}
-        for (partition, _), s in self._sensors.items():
-            offsets = [item.offset for item in s.stash] + [s.records[0][1]] * bool(s.records)
-            if offsets and min(offsets) < needed.get(partition, min(offsets) + 1):
-                needed[partition] = min(offsets)
-        return needed
+    def _held_offsets(self, s: _Sensor) -> list[int]:
+        return [s.records[0][1]] if s.records else []
 
     def memory_bytes(self) -> int:
         """Bytes of sample data held (detector buffers, QRS snippets, stashed records), roughly."""

@@ -40,29 +40,21 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from monitor.stream.wire import InputRecord, InvalidRecord
+from monitor.stream.sensor_table import OVER_CAPACITY, SensorKey, SensorLimit, SensorTable
+from monitor.stream.wire import InputRecord
 
-SensorKey = tuple[int, str]  # (partition, sensor_id)
+__all__ = ["OVER_CAPACITY", "SEGMENT_REASONS", "Segment", "SensorKey", "SensorLimit", "Window", "WindowStats",
+           "Windower"]
+
 RESET, JUMP = "reset", "jump"  # why a sensor's new segment started
 SEGMENT_REASONS = (RESET, JUMP)
 RECENT_DIGESTS = 16  # per sensor: recent records recognised as re-sent by (seq, length, CRC-32)
-
-
-OVER_CAPACITY = "over_capacity"
-
-
-class SensorLimit(InvalidRecord):
-    """A new sensor cannot be admitted: `max_sensors` live sensors, none idle long enough to evict.
-    The daemon dead-letters the record (reason over_capacity), so its data stays on the broker."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(OVER_CAPACITY, detail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,39 +142,25 @@ class _Sensor:
     parked: _Parked | None = None  # the segment before the last jump
 
 
-class Windower:
+class Windower(SensorTable[_Sensor, Window]):
     def __init__(self, window_length: int, hop: int | None = None, *, reorder_slots: int = 4,
                  reorder_timeout_s: float = 2.0, reorder_max_bytes: int = 1 << 16, max_seq_gap: int | None = None,
                  max_sensors: int = 200_000, idle_timeout_s: float = 600.0, evict_min_idle_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if window_length < 1:
             raise ValueError("window_length must be >= 1")
+        self.stats = WindowStats()
+        super().__init__(self.stats, max_sensors=max_sensors, idle_timeout_s=idle_timeout_s,
+                         evict_min_idle_s=evict_min_idle_s, reorder_timeout_s=reorder_timeout_s, clock=clock)
         self.length = window_length
         self.hop = hop or window_length
         self.reorder_slots = reorder_slots
-        self.reorder_timeout_s = reorder_timeout_s
         self.reorder_max_bytes = reorder_max_bytes
         self.max_seq_gap = max_seq_gap
-        self.max_sensors = max_sensors
-        self.idle_timeout_s = idle_timeout_s
-        self.evict_min_idle_s = min(evict_min_idle_s, idle_timeout_s)
-        self.clock = clock
-        self.stats = WindowStats()
         self.new_segments: list[Segment] = []  # since the caller last took them (it logs them)
-        self._sensors: OrderedDict[SensorKey, _Sensor] = OrderedDict()  # least recently seen first
-        self._stashing: set[SensorKey] = set()  # sensors with a non-empty stash
-        self._admit_evicted: list[SensorKey] = []  # evicted by admit(), returned by the next add()
         self.evicted_at: dict[SensorKey, int] = {}  # evicted sensor -> its next window start (the caller clears)
 
-    def __len__(self) -> int:
-        return len(self._sensors)
-
     # -- input ---------------------------------------------------------------------------------
-
-    def admit(self, partition: int, sensor_id: str) -> None:
-        """Make room for the sensor if it is new; raises SensorLimit when none can be made."""
-        if (partition, sensor_id) not in self._sensors:
-            self._admit_evicted += self._make_room(self.clock())
 
     def add(self, partition: int, offset: int, record: InputRecord) -> tuple[list[Window], list[SensorKey]]:
         """Feed one record; returns the windows it completed and the sensors evicted to make room.
@@ -190,7 +168,7 @@ class Windower:
         now = self.clock()
         key = (partition, record.sensor_id)
         sensor = self._sensors.get(key)
-        evicted, self._admit_evicted = self._admit_evicted, []
+        evicted = self._take_admit_evicted()
         if sensor is None:
             evicted += self._make_room(now)
             sensor = self._new_sensor(record.seq, now)
@@ -350,63 +328,15 @@ class Windower:
 
     # -- housekeeping --------------------------------------------------------------------------
 
-    def sweep(self) -> tuple[list[Window], list[SensorKey]]:
-        """Close reorder holes that waited too long and evict idle sensors. Call about once a second."""
-        now = self.clock()
-        out: list[Window] = []
-        stale = [k for k in self._stashing
-                 if now - min(item.arrived for item in self._sensors[k].stash) >= self.reorder_timeout_s]
-        for key in stale:
-            self._close_hole(key, self._sensors[key], out)
-        evicted = []
-        while self._sensors:
-            key, sensor = next(iter(self._sensors.items()))
-            if now - sensor.last_seen < self.idle_timeout_s:
-                break
-            evicted.append(self._evict(key))
-        return out, evicted
-
-    def _make_room(self, now: float) -> list[SensorKey]:
-        """Room for one more sensor: evict the least recently seen if it has idled long enough."""
-        if len(self._sensors) < self.max_sensors:
-            return []
-        key, oldest = next(iter(self._sensors.items()))
-        if now - oldest.last_seen < self.evict_min_idle_s:
-            self.stats.refused_records += 1
-            raise SensorLimit(f"{self.max_sensors} sensors are live and none has idled "
-                              f"{self.evict_min_idle_s:g} s")
-        return [self._evict(key)]
-
-    def _evict(self, key: SensorKey) -> SensorKey:
-        s = self._sensors.pop(key)
-        self._stashing.discard(key)
-        self.stats.evicted_sensors += 1
+    def _on_evict(self, key: SensorKey, s: _Sensor) -> None:
         self.stats.evicted_samples += max(0, s.next_seq - s.wstart) + sum(len(i.values) for i in s.stash)
         self.evicted_at[key] = s.wstart
-        return key
-
-    def drop_partitions(self, partitions: set[int]) -> None:
-        """Forget the sensors of revoked partitions (their new owner replays from the commit)."""
-        for key in [k for k in self._sensors if k[0] in partitions]:
-            del self._sensors[key]
-            self._stashing.discard(key)
 
     # -- commit support ------------------------------------------------------------------------
 
-    def needed_offsets(self) -> dict[int, int]:
-        """Per partition, the earliest offset of a record whose samples are still buffered or stashed."""
-        needed: dict[int, int] = {}
-        for (partition, _), s in self._sensors.items():
-            offsets = [item.offset for item in s.stash]
-            if s.segments:
-                offsets.append(s.segments[0][1])
-            if s.parked is not None and s.parked.segments:
-                offsets.append(s.parked.segments[0][1])
-            if offsets:
-                low = min(offsets)
-                if low < needed.get(partition, low + 1):
-                    needed[partition] = low
-        return needed
+    def _held_offsets(self, s: _Sensor) -> list[int]:
+        """The earliest offsets of the buffered samples and of the parked segment's."""
+        return [q[0][1] for q in (s.segments, None if s.parked is None else s.parked.segments) if q]
 
     def buffered(self, key: SensorKey) -> tuple[int, int] | None:
         """(next window start, next expected seq) of a sensor, for tests and debugging."""
