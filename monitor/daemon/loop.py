@@ -408,6 +408,7 @@ class Monitor:
             self.consumer.seek(TopicPartition(self.settings.input_topic, partition), offset)
         self._restore(partitions)
         self._count_assigned()
+        self._flow_control()  # a missing output topic or a full queue holds new partitions too, before poll fetches
         log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
 
     def _restore(self, partitions: set[int]) -> None:
