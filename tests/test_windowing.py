@@ -219,6 +219,16 @@ def test_a_record_re_read_at_an_offset_already_consumed_is_a_redelivery():
     assert windows == [] and w.stats.reset_segments == 0 and w.buffered((0, "s1")) == (0, 6)
 
 
+def test_a_stream_that_continues_at_offsets_started_again_is_not_a_redelivery():
+    # a broker that lost its log (or a re-created topic) hands out offsets from 0 again
+    w = Windower(L)
+    feed(w, [(0, BEAT[:4])], first_offset=50)
+    windows = feed(w, [(4, BEAT[4:8]), (8, BEAT[:8])], first_offset=0)
+    assert starts(windows) == [0, 8] and w.stats.duplicate_samples == 0
+    assert not feed(w, [(8, BEAT[:8])], first_offset=1)  # a real redelivery at the new offsets is still one
+    assert w.stats.duplicate_samples == L
+
+
 def test_one_record_with_seq_1e18_does_not_blind_the_sensor_nor_cost_a_window():
     """Before: the hole closed by jumping to 10**18 and every later normal record was a duplicate."""
     clock = FakeClock()

@@ -83,7 +83,8 @@ class MonitorSettings(BaseSettings):
     sensor_idle_timeout_s: float = Field(600.0, gt=0,
                                          description="Evict a sensor's buffer after this long without data")
     max_sensors: int = Field(200_000, ge=1,
-                             description="Bound on live sensor buffers; the idlest are evicted beyond it")
+                             description="Bound on live sensor buffers; at it, MONITOR_EVICT_MIN_IDLE_S decides "
+                                         "whether a new sensor evicts an idle one or is refused (over_capacity)")
     reorder_slots: int = Field(4, ge=0,
                                description="Records per sensor held while waiting for a missing earlier record")
     reorder_timeout_s: float = Field(2.0, gt=0, description="A missing record not seen by then is a gap")

@@ -7,7 +7,8 @@ state follows its partition):
 
 - a record that starts at the expected seq is appended; one record may complete many windows;
 - a record re-read at an offset the sensor already consumed (Kafka's order is the truth for a
-  partition) is a redelivery: dropped and counted as duplicate samples;
+  partition) is a redelivery: dropped and counted as duplicate samples, unless it continues the
+  stream (the partition's offsets started again: a broker that lost its log, a re-created topic);
 - a record that starts below the expected seq is a duplicate only if its samples really were
   consumed: it repeats one of the sensor's recent records (seq, length and CRC-32 of its
   samples) or its overlap with the last 2L consumed samples is equal. Anything else is a
@@ -178,7 +179,7 @@ class Windower(SensorTable[_Sensor, Window]):
             sensor.last_seen = now
         values = np.asarray(record.values, dtype=np.float32)
         out: list[Window] = []
-        if offset <= sensor.last_offset:  # re-read (redelivered) at an offset already consumed
+        if offset <= sensor.last_offset and self._redelivered(sensor, record.seq):
             self.stats.duplicate_samples += len(values)
             return out, evicted
         sensor.last_offset = offset
@@ -214,6 +215,13 @@ class Windower(SensorTable[_Sensor, Window]):
     def _aligned(self, seq: int) -> int:
         """Start of the first window that begins at or after `seq`."""
         return -(-seq // self.hop) * self.hop
+
+    @staticmethod
+    def _redelivered(s: _Sensor, seq: int) -> bool:
+        """A record at an offset the sensor already passed is a redelivery if its samples were consumed
+        or wait in the stash. One that continues the stream (or runs ahead of it, not stashed) means the
+        partition's offsets started again (a broker that lost its log, a re-created topic): not a repeat."""
+        return seq < s.next_seq or any(item.seq == seq for item in s.stash)
 
     def _consumed(self, s: _Sensor, seq: int, values: np.ndarray) -> bool:
         """Were the samples of this record (starting below next_seq) really consumed already?"""
