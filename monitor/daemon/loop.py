@@ -519,8 +519,8 @@ class Monitor:
         """Not ready while an output topic is missing; its records wait (no send() blocking for
         metadata) and fetching pauses. Checked every topic_check_interval_s."""
         now = self.clock()
-        if now - self._last_topic_check < self.settings.topic_check_interval_s:
-            return
+        if now - self._last_topic_check < self.settings.topic_check_interval_s or not self.health.kafka_ok:
+            return  # not while Kafka is unreachable: kafka-python's metadata request would block until it is back
         self._last_topic_check = now
         topics = [t for t in (self.settings.alerts_topic, self.settings.dlq_topic, self.settings.scores_topic) if t]
         try:
@@ -584,11 +584,11 @@ class Monitor:
         self.metrics.active_sensors.set(len(self.windower))
         self.metrics.pending_windows.set(len(self.batcher))
         self.metrics.buffered_bytes.set(getattr(self.windower, "memory_bytes", lambda: 0)())
-        self._check_outputs()
         self._watch_progress()
         if self.clock() - self._last_lag >= LAG_INTERVAL_S:
             self._last_lag = self.clock()
             self._update_lag()
+        self._check_outputs()  # after the probe, which tells whether the broker answers
         if self.clock() - self._last_kafka_error > 2 * KAFKA_TIMEOUT_S:
             self.health.kafka_ok = True
 
