@@ -17,11 +17,11 @@ import wfdb
 
 from monitor.core.artefact import Artefact
 from monitor.core.model import LSTMAutoencoder, ModelConfig
+from monitor.daemon.settings import SHIPPED_MODEL_PATH
 from monitor.stream.beat_windowing import BeatWindower
 from monitor.stream.beats import BeatConvention
 from monitor.stream.policy import ScorePolicyConfig
 from monitor.stream.wire import InputRecord
-from monitor.tools.demo import SHIPPED_MODEL
 from trainer import recordings
 from trainer.cli import build_parser, main
 from trainer.data import DataError
@@ -204,7 +204,7 @@ def test_the_demo_streams_a_recording_end_to_end_with_a_model_of_its_own(excerpt
     assert 2 * 30 <= summary["windows_scored"] <= 2 * 80
     assert 60 <= summary["heart_rate_bpm"] <= 90 and not summary["interrupted"]
     model = Path(summary["model"]["path"])
-    assert model == SHIPPED_MODEL or model == tmp_path / "models" / "demo-ex100-lead0.pt"
+    assert model == SHIPPED_MODEL_PATH or model == tmp_path / "models" / "demo-ex100-lead0.pt"
     for address in (summary["bootstrap"], f"127.0.0.1:{urlparse(summary['metrics_url']).port}"):
         host, port = address.rsplit(":", 1)
         with pytest.raises(OSError):

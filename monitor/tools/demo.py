@@ -39,6 +39,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from monitor.daemon.settings import SHIPPED_MODEL_PATH
 from monitor.stream.wire import AlertRecord
 from monitor.tools.broker import BrokerUnavailable, EmbeddedBroker, free_port, tansu_binary
 from monitor.tools.harness import DaemonError, DaemonProcess, Metrics, monitor_env
@@ -345,22 +346,30 @@ DEMO_TRAINING: dict[str, Any] = dict(
 TRAINED_MODEL = Path("models/ecg-lstm-ae.pt")
 
 
-def ensure_model(args: argparse.Namespace, data_dir: Path, console) -> Path:
-    """--model; else the trainer's models/ecg-lstm-ae.pt or the cached demo model, whichever
-    loads first; else train the demo model (first run, or --retrain)."""
+def first_usable_model(candidates: list[Path], console) -> Path | None:
+    """The first candidate file that loads as a model artefact (an unusable one is reported and skipped)."""
     # lazy, like every torch import here: torch takes seconds to import, and `demo --help` needs none of it
     from monitor.core.artefact import Artefact, ArtefactError
 
-    if args.model:
-        return args.model
-    cached = args.cache_dir / "models" / "demo.pt"
-    for candidate in ([] if args.retrain else [TRAINED_MODEL, cached]):
+    for candidate in candidates:
         if candidate.is_file():
             try:
                 Artefact.load(candidate)
                 return candidate
             except ArtefactError as exc:
                 console.print(f"[yellow]skipping an unusable model[/] ({exc})")
+    return None
+
+
+def ensure_model(args: argparse.Namespace, data_dir: Path, console) -> Path:
+    """--model; else the trainer's models/ecg-lstm-ae.pt or the cached demo model, whichever
+    loads first; else train the demo model (first run, or --retrain)."""
+    if args.model:
+        return args.model
+    cached = args.cache_dir / "models" / "demo.pt"
+    usable = None if args.retrain else first_usable_model([TRAINED_MODEL, cached], console)
+    if usable is not None:
+        return usable
     console.print(f"training a small demo model on ECG5000 normal beats, at most {args.train_minutes:g} min "
                   f"(first run only; cached at {cached}) ...")
     outcome = train_demo_model(data_dir, cached, args.train_minutes)
@@ -425,7 +434,6 @@ RECORD_TRAINING: dict[str, Any] = dict(
     forget_bias=3.0, patience=15, grad_clip=1.0, seed=42, torch_threads=1, device="cpu", normalisation="zscore",
     reduction="mean_abs", threshold_method="percentile", threshold_percentile=99.0)
 #: The model shipped with the package (issue 14), used for recordings when present.
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.pt"
 
 
 def is_record(args: argparse.Namespace) -> bool:
@@ -434,18 +442,12 @@ def is_record(args: argparse.Namespace) -> bool:
 
 def ensure_record_model(args: argparse.Namespace, console) -> Path:
     """--model; else the shipped model; else a beats model trained once from the record (cached per record)."""
-    from monitor.core.artefact import Artefact, ArtefactError  # lazy: see ensure_model
-
     if args.model:
         return args.model
     cached = args.cache_dir / "models" / f"demo-{Path(args.source).stem}-{args.lead or 'lead0'}.pt"
-    for candidate in ([] if args.retrain else [SHIPPED_MODEL, cached]):
-        if candidate.is_file():
-            try:
-                Artefact.load(candidate)
-                return candidate
-            except ArtefactError as exc:
-                console.print(f"[yellow]skipping an unusable model[/] ({exc})")
+    usable = None if args.retrain else first_usable_model([SHIPPED_MODEL_PATH, cached], console)
+    if usable is not None:
+        return usable
     console.print(f"no shipped beats model: training one from {args.source} itself, at most {args.train_minutes:g} "
                   f"min (first run only; cached at {cached}) ...")
     from trainer.pipeline import fit_model  # lazy: see train_demo_model
@@ -632,7 +634,7 @@ class StopOnSignals:
 
 
 def run_demo(args: argparse.Namespace, console: Console, stop: threading.Event) -> dict[str, Any]:
-    from monitor.core.artefact import Artefact  # lazy: see ensure_model
+    from monitor.core.artefact import Artefact  # lazy: see first_usable_model
 
     record = RecordDemo.of(args, console) if is_record(args) else None
     if record is not None:
