@@ -23,8 +23,11 @@ from typing import Any
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from monitor.core.artefact import Artefact
+from monitor.core.model import LSTMAutoencoder, ModelConfig
 from monitor.stream.policy import AlertPolicy
 from monitor.stream.wire import AlertRecord, encode_input
 from monitor.tools import harness
@@ -43,6 +46,15 @@ def load_ecg5000(data_dir: Path, files: tuple[str, ...] = ("TEST",)) -> tuple[np
     parts = [np.loadtxt(Path(data_dir) / f"ECG5000_{name}.txt", dtype=np.float64) for name in files]
     table = np.concatenate(parts)
     return table[:, 1:].astype(np.float32), table[:, 0].astype(int)
+
+
+def untrained_model(path: Path, model_version: str = "untrained-test") -> Path:
+    """Save a tiny untrained autoencoder (seed 0, threshold 1.0) at `path`: for daemon tests that
+    assert delivery and offsets, not detection."""
+    config = ModelConfig(embedding_dim=4, hidden_dim=8)
+    torch.manual_seed(0)
+    return Artefact(config, LSTMAutoencoder(config).state_dict(), threshold=1.0,
+                    normalisation={"kind": "zscore"}, model_version=model_version).save(path)
 
 
 # -- topics and settings -----------------------------------------------------------------------
@@ -171,6 +183,17 @@ def consume_all(bootstrap: str, topic: str, *, min_count: int = 0, timeout_s: fl
             elif len(records) >= min_count and time.monotonic() - last_new >= idle_s:
                 return records
         raise AssertionError(f"{topic}: {len(records)} records after {timeout_s}s, wanted >= {min_count}")
+    finally:
+        consumer.close()
+
+
+def committed(bootstrap: str, group: str, topic: str) -> tuple[int | None, int]:
+    """(the group's committed offset, the end offset) of partition 0. (Tansu's end offset can lag
+    behind the last record's offset + 1, so compare the commit with the records sent.)"""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        partition = TopicPartition(topic, 0)
+        return consumer.committed(partition), consumer.end_offsets([partition])[partition]
     finally:
         consumer.close()
 

@@ -10,17 +10,13 @@ the poison records; SIGTERM ends cleanly. Before the cap, the dead letter (the v
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from kafka import KafkaConsumer, TopicPartition
-from support import MonitorProcess, Topics, consume_all, monitor_env, produce, stream_records, wait_for
+from support import (MonitorProcess, Topics, committed, consume_all, monitor_env, produce, stream_records,
+                     untrained_model, wait_for)
 
 from bench import tally
-from monitor.core.artefact import Artefact
-from monitor.core.model import LSTMAutoencoder, ModelConfig
 from monitor.stream.wire import DEAD_LETTER_KEY_BYTES, DEAD_LETTER_MAX_BYTES, DEAD_LETTER_VALUE_BYTES, DeadLetter
 
 pytestmark = [pytest.mark.reliability, pytest.mark.kafka, pytest.mark.slow]
@@ -28,26 +24,9 @@ pytestmark = [pytest.mark.reliability, pytest.mark.kafka, pytest.mark.slow]
 BEATS_PER_SENSOR = 6
 
 
-def untrained_model(path: Path) -> Path:
-    config = ModelConfig(embedding_dim=4, hidden_dim=8)
-    torch.manual_seed(0)
-    return Artefact(config, LSTMAutoencoder(config).state_dict(), threshold=1.0,
-                    normalisation={"kind": "zscore"}, model_version="poison-test").save(path)
-
-
-def committed(bootstrap: str, group: str, topic: str) -> tuple[int | None, int]:
-    """(the group's committed offset, the end offset) of partition 0."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        partition = TopicPartition(topic, 0)
-        return consumer.committed(partition), consumer.end_offsets([partition])[partition]
-    finally:
-        consumer.close()
-
-
 def test_a_900_kb_poison_record_is_dead_lettered_capped_and_consumption_goes_on(broker, tmp_path, topic_prefix):
     topics = Topics.for_prefix(topic_prefix).create(broker.bootstrap, partitions=1)
-    model = untrained_model(tmp_path / "model.pt")
+    model = untrained_model(tmp_path / "model.pt", "poison-test")
     env = monitor_env(broker.bootstrap, topics, model)
     wave = np.sin(np.linspace(0, 2 * np.pi, 140))
     good = list(stream_records({f"s{i}": np.tile(wave, BEATS_PER_SENSOR) for i in range(2)}, chunk=70))

@@ -15,17 +15,13 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from kafka import KafkaConsumer, TopicPartition
-from support import MonitorProcess, Topics, consume_json, monitor_env, produce, stream_records, wait_for
+from support import (MonitorProcess, Topics, committed, consume_json, monitor_env, produce, stream_records,
+                     untrained_model, wait_for)
 
 from bench import tally
-from monitor.core.artefact import Artefact
-from monitor.core.model import LSTMAutoencoder, ModelConfig
 from monitor.stream.wire import encode_input
 from monitor.tools.broker import create_topics
 
@@ -34,31 +30,13 @@ pytestmark = [pytest.mark.reliability, pytest.mark.kafka, pytest.mark.slow]
 L, BEATS, CHUNK = 140, 6, 70
 
 
-def untrained_model(path: Path) -> Path:
-    config = ModelConfig(embedding_dim=4, hidden_dim=8)
-    torch.manual_seed(0)
-    return Artefact(config, LSTMAutoencoder(config).state_dict(), threshold=1.0,
-                    normalisation={"kind": "zscore"}, model_version="round2-test").save(path)
-
-
-def committed(bootstrap: str, group: str, topic: str) -> tuple[int | None, int]:
-    """(the group's committed offset, the end offset) of partition 0. (Tansu's end offset can lag
-    behind the last record's offset + 1, so the tests compare the commit with the records sent.)"""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        partition = TopicPartition(topic, 0)
-        return consumer.committed(partition), consumer.end_offsets([partition])[partition]
-    finally:
-        consumer.close()
-
-
 def signal(phase: float) -> np.ndarray:
     return np.sin(np.linspace(phase, phase + 2 * np.pi * BEATS, L * BEATS))
 
 
 def test_a_reboot_and_a_seq_of_1e18_start_new_segments_and_every_window_is_scored(broker, tmp_path, topic_prefix):
     topics = Topics.for_prefix(topic_prefix).create(broker.bootstrap, partitions=1)
-    env = monitor_env(broker.bootstrap, topics, untrained_model(tmp_path / "model.pt"))
+    env = monitor_env(broker.bootstrap, topics, untrained_model(tmp_path / "model.pt", "round2-test"))
     rebooting = list(stream_records({"reboot": signal(0.0)}, chunk=CHUNK))
     rebooted = list(stream_records({"reboot": signal(1.0)}, chunk=CHUNK))  # seq 0 again, other samples
     jumping = list(stream_records({"jump": signal(2.0)}, chunk=CHUNK))
@@ -89,7 +67,7 @@ def test_a_missing_output_topic_is_not_ready_fetches_nothing_and_scores_everythi
     topics = Topics.for_prefix(topic_prefix)
     create_topics(broker.bootstrap, {topics.input: 1, topics.alerts: 1, topics.dlq: 1, topics.state: 1},
                   compacted=(topics.state,))  # no scores topic yet
-    env = monitor_env(broker.bootstrap, topics, untrained_model(tmp_path / "model.pt"),
+    env = monitor_env(broker.bootstrap, topics, untrained_model(tmp_path / "model.pt", "round2-test"),
                       MONITOR_TOPIC_CHECK_INTERVAL_S="1")
     records = list(stream_records({f"s{i}": signal(i) for i in range(2)}, chunk=CHUNK))
     daemon = MonitorProcess(env, log_path=tmp_path / "monitor.log").start(wait_ready=False)
