@@ -259,7 +259,7 @@ def expected_calibrated_alert_ids(scorer: Any, streams: Mapping[str, np.ndarray]
     from monitor.daemon.settings import MonitorSettings
     from monitor.daemon.state_store import build_states
 
-    settings = MonitorSettings(_env_file=None, calibration_warmup_beats=warmup_beats)  # type: ignore[call-arg]
+    settings = MonitorSettings(_env_file=None, calibration_warmup_beats=warmup_beats)
     states, ids = build_states(scorer, settings), set()
     for sensor, windows in streams.items():
         length = windows.shape[1]
