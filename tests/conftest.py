@@ -1,4 +1,5 @@
-"""Shared fixtures: the ECG5000 data, a real Kafka-protocol broker (Tansu), a small trained model."""
+"""Shared fixtures: the ECG5000 data, MIT-BIH record 100, a real Kafka-protocol broker (Tansu), a small
+trained model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +45,23 @@ def ecg_data_dir() -> Path:
     if path is None:
         pytest.fail("ECG5000 not found: set ECG5000_DIR to a directory holding ECG5000_TRAIN.txt/ECG5000_TEST.txt")
     return path
+
+
+MITDB_100 = REPO.parent / "shared" / "data" / "mitdb-100" / "100"
+BEAT_SYMBOLS = frozenset("NLRBAaJSVrFejnE/fQ?")  # the annotation symbols that mark a beat
+
+
+@pytest.fixture(scope="session")
+def record_100() -> tuple[np.ndarray, np.ndarray]:
+    """MIT-BIH record 100 (../shared/data/mitdb-100): lead MLII at 360 Hz in mV, and the samples of its
+    annotated beats. Skipped where wfdb or the record is missing. Shared by the session: do not modify."""
+    wfdb = pytest.importorskip("wfdb")
+    if not MITDB_100.with_suffix(".hea").exists():
+        pytest.skip("MIT-BIH record 100 is not available")
+    record = wfdb.rdrecord(str(MITDB_100), channel_names=["MLII"])
+    ann = wfdb.rdann(str(MITDB_100), "atr")
+    beats = np.array([s for s, c in zip(ann.sample, ann.symbol, strict=True) if c in BEAT_SYMBOLS], dtype=np.int64)
+    return record.p_signal[:, 0].astype(np.float64), beats
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from scipy.signal import resample_poly
 
 from monitor.core.artefact import Artefact
 from monitor.core.model import LSTMAutoencoder, ModelConfig
@@ -46,6 +47,18 @@ def load_ecg5000(data_dir: Path, files: tuple[str, ...] = ("TEST",)) -> tuple[np
     parts = [np.loadtxt(Path(data_dir) / f"ECG5000_{name}.txt", dtype=np.float64) for name in files]
     table = np.concatenate(parts)
     return table[:, 1:].astype(np.float32), table[:, 0].astype(int)
+
+
+def at_rate(record: tuple[np.ndarray, np.ndarray], fs: int,
+            seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The conftest `record_100` fixture's (signal, beat samples) at 360 Hz, cut to its first `seconds`
+    (all of it if None) and resampled to `fs` Hz, the beats moved to the nearest sample."""
+    signal, beats = record
+    if seconds is not None:
+        signal, beats = signal[: int(seconds * 360)], beats[beats < int(seconds * 360)]
+    if fs == 360:
+        return signal, beats
+    return resample_poly(signal, fs, 360), np.round(beats * fs / 360).astype(np.int64)
 
 
 def untrained_model(path: Path, model_version: str = "untrained-test") -> Path:

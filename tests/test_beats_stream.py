@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.signal import resample_poly
-from support import MonitorProcess, Record, Topics, consume_all, monitor_env, produce, wait_for
+from support import MonitorProcess, Record, Topics, at_rate, consume_all, monitor_env, produce, wait_for
 
 from monitor.core.artefact import Artefact
 from monitor.core.model import LSTMAutoencoder, ModelConfig
@@ -30,8 +29,6 @@ from monitor.stream.beats import BeatConvention, Beats, estimate_polarity, segme
 from monitor.stream.rpeaks import OnlineRPeakDetector
 from monitor.stream.wire import InputRecord, encode_input
 
-MITDB_100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb-100" / "100"
-BEAT_SYMBOLS = frozenset("NLRBAaJSVrFejnE/fQ?")
 CONVENTION = BeatConvention()
 NATIVE_FS = 360
 RATES = (360, 125, 250, 500)
@@ -39,17 +36,6 @@ SIZES = {"1": 1, "36": 36, "10s": None}  # None: 10 s of samples at the sensor's
 SECONDS = {"1": 60.0, "36": 300.0, "10s": 300.0}
 
 pytest.importorskip("sleepecg")
-
-
-@pytest.fixture(scope="module")
-def record_100() -> tuple[np.ndarray, np.ndarray]:
-    wfdb = pytest.importorskip("wfdb")
-    if not MITDB_100.with_suffix(".hea").exists():
-        pytest.skip("MIT-BIH record 100 is not available")
-    record = wfdb.rdrecord(str(MITDB_100), channel_names=["MLII"])
-    ann = wfdb.rdann(str(MITDB_100), "atr")
-    beats = np.array([s for s, c in zip(ann.sample, ann.symbol, strict=True) if c in BEAT_SYMBOLS], dtype=np.int64)
-    return record.p_signal[:, 0].astype(np.float64), beats
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +47,6 @@ def beats_model(tmp_path_factory) -> Path:
                         normalisation={"kind": "zscore"}, model_version="beats-test",
                         metadata={"windowing": CONVENTION.to_dict()})
     return artefact.save(tmp_path_factory.mktemp("beats-model") / "beats.pt")
-
-
-def at_rate(record: tuple[np.ndarray, np.ndarray], fs: int, seconds: float | None) -> tuple[np.ndarray, np.ndarray]:
-    signal, beats = record
-    if seconds is not None:
-        signal, beats = signal[: int(seconds * NATIVE_FS)], beats[beats < int(seconds * NATIVE_FS)]
-    if fs == NATIVE_FS:
-        return signal, beats
-    return resample_poly(signal, fs, NATIVE_FS), np.round(beats * fs / NATIVE_FS).astype(np.int64)
 
 
 def input_records(sensor: str, signal: np.ndarray, fs: int, size: int) -> Iterable[Record]:

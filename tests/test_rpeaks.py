@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from scipy.signal import resample_poly
+from support import at_rate
 
 from monitor.stream.beats import BeatConvention, segment
 from monitor.stream.rpeaks import BeatSpan, OnlineRPeakDetector
 
-MITDB_100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb-100" / "100"
-BEAT_SYMBOLS = frozenset("NLRBAaJSVrFejnE/fQ?")
 CONVENTION = BeatConvention()
 
 pytest.importorskip("sleepecg")
-
-
-@pytest.fixture(scope="module")
-def record_100() -> tuple[np.ndarray, np.ndarray]:
-    """Record 100, lead MLII at 360 Hz, and its annotated beats."""
-    wfdb = pytest.importorskip("wfdb")
-    if not MITDB_100.with_suffix(".hea").exists():
-        pytest.skip("MIT-BIH record 100 is not available")
-    record = wfdb.rdrecord(str(MITDB_100))
-    ann = wfdb.rdann(str(MITDB_100), "atr")
-    beats = np.array([s for s, c in zip(ann.sample, ann.symbol, strict=True) if c in BEAT_SYMBOLS], dtype=np.int64)
-    return record.p_signal[:, 0].astype(np.float64), beats
-
-
-def at_rate(record: tuple[np.ndarray, np.ndarray], fs: int, seconds: float | None = None):
-    signal, beats = record
-    if seconds is not None:
-        signal, beats = signal[: int(seconds * 360)], beats[beats < int(seconds * 360)]
-    if fs == 360:
-        return signal, beats
-    return resample_poly(signal, fs, 360), np.round(beats * fs / 360).astype(np.int64)
 
 
 def stream(signal: np.ndarray, fs: float, record_size: int, start: int = 0, **kwargs) -> tuple[
