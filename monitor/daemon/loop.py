@@ -110,6 +110,8 @@ class Monitor:
         # Per-sensor calibration and alert policy, restored from the changelog topic on assignment
         # (`changelog` None: no restore, every sensor starts fresh; unit tests over fakes).
         self.states: SensorStates = build_states(scorer, settings, clock)
+        if isinstance(self.windower, Windower):  # an evicted sensor's partial window is kept in its state record
+            self.windower.partials = self.states
         self.changelog = changelog
         self._unrestored: set[int] = set()  # assigned partitions whose state could not be read yet (paused)
         # Dead letters that can never be produced are dropped after counting (the record is already

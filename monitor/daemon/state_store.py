@@ -18,6 +18,12 @@ marker (start seq <= marker seq and completing offset <= marker offset) and skip
 update of the baseline, no second alert, deterministic. A window from a sensor whose seq went back
 (a device reset) comes at a higher offset, so it is applied.
 
+Evicted sensors' partial windows: the windower evicts a sensor idle for MONITOR_SENSOR_IDLE_TIMEOUT_S (or
+to make room) and hands its partial window (seq and fewer than one window of float32 samples) to
+`keep_partial`, so it goes out with the next changes(), before the commit moves past its records. When the
+sensor comes back with the seq that continues it, the windower takes the window up again (`partial`); the
+first window applied after that clears it.
+
 Bounded: a sensor not seen for `idle_timeout_s` (or the idlest beyond `max_sensors`) is dropped
 and a tombstone deletes it from the changelog (compaction then removes it). A changelog record
 written by another model version is ignored on restore: a baseline of another model's errors
@@ -26,6 +32,7 @@ means nothing for this one.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -35,6 +42,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 
@@ -44,7 +52,7 @@ from monitor.daemon.settings import MonitorSettings
 from monitor.stream.calibration import (CALIBRATED, CALIBRATING, Calibrated, CalibrationConfig, CalibrationState,
                                         Calibrator, Prior)
 from monitor.stream.policy import ScorePolicy, ScorePolicyConfig
-from monitor.stream.windowing import SensorKey
+from monitor.stream.windowing import Partial, SensorKey
 
 log = logging.getLogger("monitor.daemon.state_store")
 
@@ -64,6 +72,7 @@ class _Sensor:
     seq: int  # start seq of the last window applied
     offset: int  # highest completing offset among the windows applied
     last_seen: float
+    partial: Partial | None = None  # the partial window it held when the windower evicted it
 
 
 class Outcome(NamedTuple):
@@ -101,18 +110,45 @@ class SensorStates:
         if sensor is not None and start_seq <= sensor.seq and offset <= sensor.offset:
             return None
         if sensor is None:
-            sensor = self._sensors[key] = _Sensor(self.calibrator.new_state(), start_seq, offset, self.clock())
-            self._deleted.discard(key)
-            self._evict_over_capacity()
+            sensor = self._add(key, start_seq, offset)
         else:
             self._sensors.move_to_end(key)
             sensor.seq, sensor.offset, sensor.last_seen = start_seq, max(offset, sensor.offset), self.clock()
+            # Its first window since it came back completed the kept partial window (or the stream went on
+            # elsewhere, a reset or a gap, and the windower started afresh): either way it is not needed again.
+            sensor.partial = None
         calibrated = self.calibrator.update(sensor.calibration, error, good_quality)
         transitions = self.policy.observe(key, calibrated.score, calibrating=calibrated.calibrating,
                                           gross=calibrated.gross, good_quality=good_quality)
         self._dirty.add(key)
         return Outcome(calibrated, transitions, self.calibrator.phase(sensor.calibration),
                        self.calibrator.threshold_error(sensor.calibration, self.policy.config.fire_level))
+
+    def _add(self, key: SensorKey, seq: int, offset: int) -> _Sensor:
+        sensor = self._sensors[key] = _Sensor(self.calibrator.new_state(), seq, offset, self.clock())
+        self._deleted.discard(key)
+        self._evict_over_capacity()
+        return sensor
+
+    # -- evicted sensors' partial windows (the windower's PartialStore) --------------------------
+
+    def keep_partial(self, key: SensorKey, partial: Partial | None) -> None:
+        """The windower evicted the sensor: its partial window goes to the changelog with the next changes(),
+        which the checkpoint flushes before it commits past the window's records."""
+        sensor = self._sensors.get(key)
+        if sensor is None:
+            if partial is None:
+                return
+            sensor = self._add(key, -1, -1)  # no window applied yet: nothing is skipped as a replay
+        else:
+            self._sensors.move_to_end(key)
+            sensor.last_seen = self.clock()
+        sensor.partial = partial
+        self._dirty.add(key)
+
+    def partial(self, key: SensorKey) -> Partial | None:
+        sensor = self._sensors.get(key)
+        return None if sensor is None else sensor.partial
 
     def reset_policy(self, key: SensorKey) -> None:
         """Forget the sensor's policy state (e.g. its open alert was resolved on eviction), keeping its
@@ -141,9 +177,13 @@ class SensorStates:
 
     def encode(self, key: SensorKey) -> bytes:
         sensor = self._sensors[key]
-        return json.dumps({"format": STATE_FORMAT, "model_version": self.model_version, "seq": sensor.seq,
-                           "offset": sensor.offset, "calibration": sensor.calibration.to_dict(),
-                           "policy": self.policy.snapshot(key)}, separators=(",", ":")).encode()
+        data = {"format": STATE_FORMAT, "model_version": self.model_version, "seq": sensor.seq,
+                "offset": sensor.offset, "calibration": sensor.calibration.to_dict(),
+                "policy": self.policy.snapshot(key)}
+        if sensor.partial is not None:  # float32 bytes, so the restored window is bit for bit the same
+            data["partial"] = {"seq": sensor.partial.start_seq,
+                               "values": base64.b64encode(sensor.partial.values.astype("<f4").tobytes()).decode()}
+        return json.dumps(data, separators=(",", ":")).encode()
 
     def restore(self, partition: int, records: Iterable[tuple[bytes | None, bytes | None]]) -> int:
         """Replace the partition's sensors by the changelog's last record per key (in log order);
@@ -168,10 +208,11 @@ class SensorStates:
             calibration = CalibrationState.from_dict(data["calibration"])
             if not (math.isfinite(calibration.location) and math.isfinite(calibration.scale)):
                 return False
-            sensor = _Sensor(calibration, int(data["seq"]), int(data["offset"]), self.clock())
+            sensor = _Sensor(calibration, int(data["seq"]), int(data["offset"]), self.clock(),
+                             _partial_of(data.get("partial")))
             if data.get("policy") is not None:
                 self.policy.restore(key, data["policy"])
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # (binascii.Error is a ValueError)
             log.warning("unreadable changelog record ignored",
                         extra={"sensor_id": key[1][:64], "error": str(exc)[:200]})
             return False
@@ -208,6 +249,13 @@ class SensorStates:
         self.policy.drop_partitions(partitions)
         self._dirty = {k for k in self._dirty if k[0] not in partitions}
         self._deleted = {k for k in self._deleted if k[0] not in partitions}
+
+
+def _partial_of(data: Any) -> Partial | None:
+    if data is None:
+        return None
+    values = np.frombuffer(base64.b64decode(data["values"], validate=True), dtype="<f4").astype(np.float32)
+    return Partial(int(data["seq"]), values)
 
 
 # -- building from the artefact and the settings -------------------------------------------------

@@ -35,6 +35,11 @@ about 3 KiB plus the stash (see docs/windowing-and-delivery.md). At most `max_se
 a new sensor evicts the least recently seen one only if that one has been idle for
 `evict_min_idle_s`; otherwise the new sensor is refused (`SensorLimit`), so sensors above the
 limit never evict each other into starvation. Idle sensors are evicted after `idle_timeout_s`.
+
+Eviction loses no window: an evicted sensor's partial window (its seq and fewer than L samples) is handed to
+a `PartialStore` (the daemon's per-sensor state, written to the changelog before the next commit), and when
+the sensor comes back with the seq that continues it, its buffer is restored, so the window completes with
+the same samples, start and alert id as if the sensor had never been evicted.
 """
 
 from __future__ import annotations
@@ -44,14 +49,15 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from monitor.stream.sensor_table import OVER_CAPACITY, SensorKey, SensorLimit, SensorTable
 from monitor.stream.wire import InputRecord
 
-__all__ = ["OVER_CAPACITY", "SEGMENT_REASONS", "Segment", "SensorKey", "SensorLimit", "Window", "WindowStats",
-           "Windower"]
+__all__ = ["OVER_CAPACITY", "SEGMENT_REASONS", "Partial", "PartialStore", "Segment", "SensorKey", "SensorLimit",
+           "Window", "WindowStats", "Windower"]
 
 RESET, JUMP = "reset", "jump"  # why a sensor's new segment started
 SEGMENT_REASONS = (RESET, JUMP)
@@ -66,6 +72,29 @@ class Segment:
     reason: str
     previous_next_seq: int
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """An evicted sensor's partial window: its samples [start_seq, next_seq), fewer than one window."""
+
+    start_seq: int
+    values: np.ndarray  # float32
+
+    @property
+    def next_seq(self) -> int:
+        return self.start_seq + len(self.values)
+
+
+class PartialStore(Protocol):
+    """Where evicted sensors' partial windows are kept durably (the daemon's per-sensor state store), so that
+    the commit may move past their records and a sensor that resumes still completes the window."""
+
+    def keep_partial(self, key: SensorKey, partial: Partial | None) -> None:
+        """Called at eviction, before any later commit; None: the sensor held no partial window."""
+
+    def partial(self, key: SensorKey) -> Partial | None:
+        """The partial window kept for a sensor that comes back, if any."""
 
 
 @dataclass(slots=True)
@@ -99,7 +128,8 @@ class WindowStats:
     gaps: int = 0
     reordered_records: int = 0
     evicted_sensors: int = 0
-    evicted_samples: int = 0  # buffered samples of evicted sensors that never completed a window
+    evicted_samples: int = 0  # samples of evicted sensors dropped (stashed, or buffered without a PartialStore)
+    resumed_windows: int = 0  # partial windows of evicted sensors taken up again when they came back
     refused_records: int = 0  # records of new sensors refused at max_sensors
     reset_segments: int = 0
     jump_segments: int = 0
@@ -160,6 +190,8 @@ class Windower(SensorTable[_Sensor, Window]):
         self.max_seq_gap = max_seq_gap
         self.new_segments: list[Segment] = []  # since the caller last took them (it logs them)
         self.evicted_at: dict[SensorKey, int] = {}  # evicted sensor -> its next window start (the caller clears)
+        # Evicted sensors' partial windows go here (None: they are dropped and counted in evicted_samples).
+        self.partials: PartialStore | None = None
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -174,6 +206,7 @@ class Windower(SensorTable[_Sensor, Window]):
             evicted += self._make_room(now)
             sensor = self._new_sensor(record.seq, now)
             self._sensors[key] = sensor
+            self._resume(key, sensor)
         else:
             self._sensors.move_to_end(key)
             sensor.last_seen = now
@@ -211,6 +244,17 @@ class Windower(SensorTable[_Sensor, Window]):
     def _new_sensor(self, seq: int, now: float) -> _Sensor:
         return _Sensor(buffer=np.empty(self.length, dtype=np.float32), next_seq=seq,
                        wstart=self._aligned(seq), last_seen=now, recent=np.empty(0, dtype=np.float32))
+
+    def _resume(self, key: SensorKey, s: _Sensor) -> None:
+        """A sensor evicted with a partial window comes back where it stopped: take the window up again, so
+        it completes and is scored as if the sensor had never been evicted."""
+        partial = None if self.partials is None else self.partials.partial(key)
+        if partial is None or partial.next_seq != s.next_seq or not 0 < len(partial.values) < self.length:
+            return  # nothing kept, or the stream does not continue it (a reset, a gap): a new start
+        s.wstart = partial.start_seq
+        s.buffer[:len(partial.values)] = partial.values
+        s.recent = partial.values.copy()
+        self.stats.resumed_windows += 1
 
     def _aligned(self, seq: int) -> int:
         """Start of the first window that begins at or after `seq`."""
@@ -337,7 +381,16 @@ class Windower(SensorTable[_Sensor, Window]):
     # -- housekeeping --------------------------------------------------------------------------
 
     def _on_evict(self, key: SensorKey, s: _Sensor) -> None:
-        self.stats.evicted_samples += max(0, s.next_seq - s.wstart) + sum(len(i.values) for i in s.stash)
+        """The partial window goes to the PartialStore (synchronously: before the commit can move past its
+        records). A stash is dropped (the sweep closes holes long before a sensor idles out), and so is a
+        segment parked by a jump."""
+        buffered = max(0, s.next_seq - s.wstart)
+        self.stats.evicted_samples += sum(len(i.values) for i in s.stash)
+        if self.partials is None:
+            self.stats.evicted_samples += buffered
+        else:
+            values = s.buffer[:buffered].copy()
+            self.partials.keep_partial(key, Partial(s.wstart, values) if buffered else None)
         self.evicted_at[key] = s.wstart
 
     # -- commit support ------------------------------------------------------------------------
