@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,7 +25,6 @@ from monitor.stream.rpeaks import OnlineRPeakDetector
 from monitor.stream.windowing import SensorLimit
 from monitor.stream.wire import InputRecord, InvalidRecord
 
-MITDB_100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb-100" / "100"
 FS = 360.0
 CONVENTION = BeatConvention()
 
@@ -34,12 +32,9 @@ pytest.importorskip("sleepecg")
 
 
 @pytest.fixture(scope="module")
-def signal() -> np.ndarray:
+def signal(record_100: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Two minutes of record 100, lead MLII, 360 Hz, in mV."""
-    wfdb = pytest.importorskip("wfdb")
-    if not MITDB_100.with_suffix(".hea").exists():
-        pytest.skip("MIT-BIH record 100 is not available")
-    return wfdb.rdrecord(str(MITDB_100), sampto=int(120 * FS)).p_signal[:, 0].astype(np.float64)
+    return record_100[0][: int(120 * FS)]
 
 
 def records(x: np.ndarray, size: int, *, sensor: str = "s1", seq0: int = 0, fs: float | None = FS,

@@ -6,24 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import at_rate
 
 from monitor.stream.beats import BeatConvention, beat_extent, estimate_polarity, segment
 
-MITDB_100 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mitdb-100" / "100"
-BEAT_SYMBOLS = frozenset("NLRBAaJSVrFejnE/fQ?")
+ECG5000_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "ECG5000" / "ECG5000_TRAIN.txt"
 
 
 @pytest.fixture(scope="module")
-def record_100() -> tuple[np.ndarray, float, np.ndarray]:
-    """The first 5 minutes of MIT-BIH record 100, lead MLII, and its annotated beats."""
-    wfdb = pytest.importorskip("wfdb")
-    if not MITDB_100.with_suffix(".hea").exists():
-        pytest.skip("MIT-BIH record 100 is not available")
-    n = 360 * 300
-    record = wfdb.rdrecord(str(MITDB_100), sampto=n)
-    ann = wfdb.rdann(str(MITDB_100), "atr", sampto=n)
-    peaks = np.array([s for s, c in zip(ann.sample, ann.symbol, strict=True) if c in BEAT_SYMBOLS], dtype=np.int64)
-    return record.p_signal[:, 0].astype(np.float64), float(record.fs), peaks
+def record_100(record_100: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, float, np.ndarray]:
+    """The first 5 minutes of MIT-BIH record 100 (conftest's record_100): lead MLII, its rate, its annotated beats."""
+    signal, peaks = at_rate(record_100, 360, seconds=300)
+    return signal, 360.0, peaks
 
 
 def test_convention_round_trips_through_the_artefact_dict() -> None:
@@ -94,10 +88,9 @@ def test_beats_look_alike_at_any_sampling_rate(record_100, fs_out: int) -> None:
 
 def test_ecg5000_has_the_conventions_polarity() -> None:
     """ECG5000's beats laid end to end: the estimated QRS sign is the convention's (negative)."""
-    path = MITDB_100.parents[1] / "ECG5000" / "ECG5000_TRAIN.txt"
-    if not path.exists():
+    if not ECG5000_TRAIN.exists():
         pytest.skip("ECG5000 is not available")
-    data = np.loadtxt(path)
+    data = np.loadtxt(ECG5000_TRAIN)
     normal = data[data[:, 0] == 1, 1:][:40]
     r_peaks = np.arange(len(normal)) * 140 + round(BeatConvention().pre_r * 140)
     assert estimate_polarity(normal.ravel(), 140.0, r_peaks) == BeatConvention().qrs_polarity == -1
