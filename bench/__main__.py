@@ -72,11 +72,11 @@ def evaluation_set(model: Path, data_dir: Path, quick: bool):
     from bench.scorer import Evaluation
     from monitor.core.artefact import Artefact
     from trainer.pipeline import load_split
+    from trainer.split import recorded_split
 
     artefact = Artefact.load(model)
     data_meta = artefact.metadata.get("data", {})
-    overrides = {k: v for k, v in data_meta.get("split", {}).items()
-                 if k in ("seed", "val_fraction", "test_fraction", "val_anomaly_fraction", "limit") and v is not None}
+    overrides = recorded_split(artefact.metadata)
     normal = data_meta.get("normal_label", "1")
     test = load_split(data=data_dir, normal_label=normal, **overrides).test
     rows = slice(None, None, 20 if quick else 1)

@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
-def demo_command(model: Path, data: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "monitor", "demo", "--model", str(model), "--data", str(data),
+def demo_command(model: Path | None, data: Path, cache: Path, *extra: str) -> list[str]:
+    """No model: the demo's default (the shipped model)."""
+    return [sys.executable, "-m", "monitor", "demo", *(["--model", str(model)] if model else []), "--data", str(data),
             "--cache-dir", str(cache), "--metrics-port", "0", "--json", *extra]
 
 
@@ -56,6 +57,22 @@ def test_short_demo_alerts_on_every_injected_sensor_and_on_no_normal_one(trained
     latency = summary["alert_latency_s"]
     assert latency["count"] == summary["alerts"]["firing"] and 0 < latency["p50"] <= latency["p99"] < 60
     assert not summary["interrupted"]
+    assert_nothing_left_running(summary)
+
+
+def test_demo_runs_offline_on_the_shipped_model_with_no_training_step(ecg_data_dir, tmp_path):
+    from monitor.daemon.settings import SHIPPED_MODEL_PATH
+
+    command = demo_command(None, ecg_data_dir, tmp_path, "--sensors", "8", "--beats-per-sensor", "45", "--rate", "max")
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads(result.stdout)
+
+    assert Path(summary["model"]["path"]) == SHIPPED_MODEL_PATH and summary["model"]["windowing"] == "beats"
+    assert "training" not in result.stderr and not (tmp_path / "models").exists()  # nothing trained or cached
+    # ECG5000's rows are beats in the shipped model's convention: each is scored once, as a fixed window
+    assert summary["windows_scored"] == summary["windows_expected"] == 8 * 45
+    assert summary["detected_runs"] >= 1
     assert_nothing_left_running(summary)
 
 

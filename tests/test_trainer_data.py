@@ -11,7 +11,7 @@ import pytest
 
 from trainer import data as data_mod
 from trainer.data import DataError, load, load_ucr_file
-from trainer.split import split, split_indices
+from trainer.split import recorded_split, split, split_indices
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +166,16 @@ def test_split_follows_the_protocol_and_is_reproducible_and_disjoint(ecg):
     np.testing.assert_array_equal(again.val.indices, parts.val.indices)
     other = split(ecg, "1", seed=43)
     assert set(other.val.indices) != val
+
+
+def test_a_models_recorded_split_gives_back_its_held_out_test_part(ecg):
+    # `trainer fit` records data.split; trainer.sources (the shipped model) its ECG5000 split seed
+    fit = {"data": {"split": {"seed": 7, "val_fraction": 0.15, "test_fraction": 0.15, "limit": None, "train": 2043}}}
+    assert recorded_split(fit) == {"seed": 7, "val_fraction": 0.15, "test_fraction": 0.15}
+    assert recorded_split({"data": {"ecg5000_split_seed": 1}}) == {"seed": 1}
+    train = set(split(ecg, "1", seed=1).train.indices)
+    assert not train & set(split(ecg, "1", **recorded_split({"data": {"ecg5000_split_seed": 1}})).test.indices)
+    assert recorded_split({}) == {}
 
 
 def test_labelled_validation_takes_a_share_of_every_anomalous_class(ecg):

@@ -34,7 +34,7 @@ from trainer.evaluate import (error_stats, evaluate, evaluate_recording, operati
                               write_report)
 from trainer.fit import FitResult, deterministic, torch_threads, train_autoencoder
 from trainer.settings import TrainerSettings
-from trainer.split import SplitData, split
+from trainer.split import SplitData, recorded_split, split
 from trainer.threshold import choose_threshold
 
 
@@ -227,10 +227,7 @@ def evaluate_artefact(model: Path, settings: TrainerSettings | None = None, subs
     """Re-evaluate a saved artefact on data, split with the artefact's own seed and fractions so
     `subset="test"` is the same held-out test set it was evaluated on at fit time."""
     artefact = Artefact.load(model)
-    split_meta = artefact.metadata.get("data", {}).get("split", {})
-    for key in ("seed", "val_fraction", "test_fraction", "val_anomaly_fraction", "limit"):
-        if key in split_meta and key not in overrides:
-            overrides[key] = split_meta[key]
+    overrides = {**recorded_split(artefact.metadata), **overrides}
     if "normal_label" not in overrides and "normal_label" in artefact.metadata.get("data", {}):
         overrides["normal_label"] = artefact.metadata["data"]["normal_label"]
     s = make_settings(settings, **overrides)

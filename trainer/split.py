@@ -7,7 +7,9 @@ to validation). Training and the default threshold never see an anomaly label.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +42,21 @@ class SplitData:
     test: Part
     dataset: Dataset
     seed: int
+
+
+#: The split options an artefact may record (`metadata["data"]["split"]`).
+SPLIT_OPTIONS = ("seed", "val_fraction", "test_fraction", "val_anomaly_fraction", "limit")
+
+
+def recorded_split(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The ECG5000 split options a model was trained with, from its artefact's metadata, so its
+    held-out test part can be cut again: `data.split` (`trainer fit`) or `data.ecg5000_split_seed`
+    (`trainer.sources`, default fractions)."""
+    data = metadata.get("data", {})
+    split = {k: v for k, v in data.get("split", {}).items() if k in SPLIT_OPTIONS and v is not None}
+    if "ecg5000_split_seed" in data:
+        split["seed"] = data["ecg5000_split_seed"]
+    return split
 
 
 def split_indices(labels: np.ndarray, normal_label: str, seed: int, val_fraction: float = 0.15,

