@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,10 +91,10 @@ def topic_prefix() -> str:
 #: worst normal 3-beat stretch stays below 0.69x (2nd-highest of 3) and the injected runs reach
 #: >= 1.48x. The test's asserts (recall >= 0.8, FPR <= 0.05) hold for any threshold from 0.85x
 #: (recall 0.992, FPR 0.037) to 1.15x (recall 0.827, FPR 0.016) of this one.
-TINY_MODEL = dict(embedding_dim=16, hidden_dim=32, epochs=8, batch_size=16, lr=3e-3, lr_schedule="cosine",
-                  forget_bias=3.0, patience=8, seed=42, torch_threads=1,
-                  grad_clip=1.0, normalisation="zscore", reduction="mean_abs",
-                  threshold_method="percentile", threshold_percentile=97.0)
+TINY_MODEL: dict[str, Any] = dict(embedding_dim=16, hidden_dim=32, epochs=8, batch_size=16, lr=3e-3,
+                                  lr_schedule="cosine", forget_bias=3.0, patience=8, seed=42, torch_threads=1,
+                                  grad_clip=1.0, normalisation="zscore", reduction="mean_abs",
+                                  threshold_method="percentile", threshold_percentile=97.0)
 
 
 @pytest.fixture(scope="session")

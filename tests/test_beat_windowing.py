@@ -231,7 +231,7 @@ class _Loop:
     def __init__(self, **settings: Any) -> None:
         values: dict[str, Any] = dict(input_topic="in", scores_topic="scores", alerts_topic="alerts",
                                       dlq_topic="dlq", max_batch=16, max_wait_ms=10)
-        self.settings = MonitorSettings(_env_file=None, **{**values, **settings})  # type: ignore[call-arg]
+        self.settings = MonitorSettings(_env_file=None, **{**values, **settings})
         self.clock = FakeClock(1000.0)
         self.consumer = FakeConsumer("in", 1, max_poll_records=50)
         self.producer = FakeProducer()
