@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from fakes import FakeClock, FakeConsumer, FakeProducer
 from test_state_store import L as ML
 from test_state_store import STATE, TOPIC, FakeChangelog, beat, make_monitor, make_states, restored_from, scores
 
+from monitor.stream.beat_windowing import POLARITY_BEATS, BeatWindow, BeatWindower
+from monitor.stream.beats import BeatConvention
+from monitor.stream.rpeaks import DetectorConfig
 from monitor.stream.windowing import Partial, SensorKey, Windower
 from monitor.stream.wire import InputRecord, encode_input
 
@@ -129,3 +133,45 @@ def test_the_monitor_scores_an_evicted_sensors_window_after_it_resumes_also_acro
     scored = {s["window_start_seq"]: s["score"] for s in scores(producer)}
     assert sorted(scored) == [0, ML, 2 * ML, 3 * ML]
     assert abs(scored[2 * ML] - float(signal[2 * ML:3 * ML].mean())) < 1e-6
+
+
+# -- beat windows: an idle eviction ends the segment ---------------------------------------------------------
+
+FS = 360.0
+CONVENTION = BeatConvention()
+
+
+def beat_records(x: np.ndarray, seq0: int, first: int) -> list[tuple[int, InputRecord]]:
+    return [(first + i, InputRecord(sensor_id="s", seq=seq0 + start, values=x[start:start + 360].tolist(), fs=FS))
+            for i, start in enumerate(range(0, len(x), 360))]
+
+
+def beat_peaks(windower: BeatWindower, stream: list[tuple[int, InputRecord]]) -> list[int]:
+    return [w.r_peak_seq for offset, record in stream for w in windower.add(0, offset, record)[0]
+            if isinstance(w, BeatWindow)]
+
+
+def test_a_beat_sensor_evicted_and_resumed_starts_a_new_segment_and_every_beat_cut_is_scored(record_100):
+    """What docs/windowing-and-delivery.md says of beat windows: an eviction holds no cut beat back (a beat goes
+    to the batch when it is cut), and a sensor that comes back starts a new segment, exactly as a fresh one
+    there. The beats of the uninterrupted stream that are not cut: those the detector had not committed yet
+    at the eviction (its latency: guard, votes, the next R peak) and the new segment's warm-up."""
+    pytest.importorskip("sleepecg")
+    signal, cut = record_100[0][: int(120 * FS)], int(60 * FS)
+    clock = FakeClock()
+    reference = beat_peaks(BeatWindower(CONVENTION, clock=clock), beat_records(signal, 0, 0))
+    evicted = BeatWindower(CONVENTION, clock=clock)
+    before = beat_peaks(evicted, beat_records(signal[:cut], 0, 0))
+    clock.now += 600
+    assert evicted.sweep()[1] == [(0, "s")]
+    after = beat_peaks(evicted, beat_records(signal[cut:], cut, 60))
+    fresh = beat_peaks(BeatWindower(CONVENTION, clock=clock), beat_records(signal[cut:], cut, 0))
+    assert before == reference[:len(before)]  # nothing cut before the eviction is held back
+    assert after == fresh == [p for p in reference if p >= after[0]]  # afterwards: a segment started there
+    config = DetectorConfig()
+    latency_s = config.guard_s + config.votes * config.step_s + config.max_rr_s
+    warmup_s = config.window_s - config.guard_s
+    not_cut = [p for p in reference if before[-1] < p < after[0]]
+    assert all(p >= cut - latency_s * FS for p in not_cut)
+    assert len([p for p in not_cut if p >= cut]) <= POLARITY_BEATS - 1 + warmup_s * 3  # (at most 180 bpm)
+    assert evicted.stats.start_segments == 2
