@@ -33,6 +33,12 @@ max_rr_s + 2 margins), POLARITY_BEATS QRS snippets, a few stashed records. Capac
 `SensorTable`): at most `max_sensors` sensors; a new one evicts the least recently seen only if that one has idled
 `evict_min_idle_s`, else it is refused (`SensorLimit`, dead-lettered as over_capacity), so live sensors never
 evict each other. Idle sensors are evicted after `idle_timeout_s`.
+
+Unlike `Windower`, an eviction keeps nothing: a sensor that comes back starts a new segment (`start`). Every
+beat already cut went to the batch, so nothing cut is lost; not cut are the beats the detector had not
+committed yet (its latency) and the new segment's warm-up. Keeping the detector's state would mean its last
+10-25 s of samples, not one window, and after `idle_timeout_s` without data the two sides are not known to
+be one recording (see docs/windowing-and-delivery.md).
 """
 
 from __future__ import annotations
