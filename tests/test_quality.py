@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from monitor.stream.quality import FLAT, LEAD_OFF, NOISE, SATURATION, check
+from monitor.stream.quality import FLAT, LEAD_OFF, NOISE, SATURATION, check, check_many, check_segments
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -70,3 +70,21 @@ def test_light_noise_passes():
     fs = 360
     x = ecg(fs)
     assert check(x + 0.03 * np.ptp(x) * np.random.default_rng(0).standard_normal(len(x)), fs).ok
+
+
+def test_a_batch_gives_each_segment_its_own_verdict():
+    """The daemon checks a whole batch at once; every window must get exactly what it gets alone
+    (same reason, same noise index to the last bit), whatever else is in the batch."""
+    rng = np.random.default_rng(2)
+    beats = [ecg(140, seconds=1, seed=s)[:140] for s in range(12)]
+    bad = [0.3 + 1e-4 * rng.standard_normal(140), np.where(np.arange(140) < 70, beats[0], beats[0][70]),
+           np.clip(beats[1], None, beats[1].min() + 0.5 * np.ptp(beats[1])),
+           beats[2] + 0.5 * rng.standard_normal(140), np.full(140, np.nan)]
+    segments = [*beats, *bad, ecg(360, seconds=2), ecg(360, seconds=2, seed=3) + rng.standard_normal(720)]
+    rates = [140.0] * (len(beats) + len(bad)) + [360.0, 360.0]
+    alone = [check(s, fs) for s, fs in zip(segments, rates, strict=True)]
+    together = check_segments(segments, rates)
+    assert [q.reason for q in together] == [q.reason for q in alone]
+    assert {q.reason for q in alone} == {None, LEAD_OFF, FLAT, SATURATION, NOISE}
+    np.testing.assert_array_equal([q.hf_ratio for q in together], [q.hf_ratio for q in alone])
+    assert [q.reason for q in check_many(np.stack(segments[:-2]), 140.0)] == [q.reason for q in alone[:-2]]

@@ -21,6 +21,7 @@ Checks, in the order they are reported (the first that fails names the reason):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,49 +50,89 @@ class Quality(NamedTuple):
 def check(values: np.ndarray, fs: float, config: QualityConfig | None = None,
           rails: tuple[float, float] | None = None) -> Quality:
     """Quality of one segment sampled at `fs` Hz; `rails`: the ADC's limits when known."""
+    return check_many(np.asarray(values, dtype=np.float64).reshape(1, -1), fs, config, rails)[0]
+
+
+def check_segments(segments: Sequence[np.ndarray], rates: Sequence[float],
+                   config: QualityConfig | None = None) -> list[Quality]:
+    """Quality of each segment at its rate. Segments of one length and rate are checked together
+    (`check_many`): a batch of fixed windows costs one set of numpy calls instead of one per window."""
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, (segment, fs) in enumerate(zip(segments, rates, strict=True)):
+        groups.setdefault((len(segment), fs), []).append(i)
+    out: list[Quality] = [_LEAD_OFF] * len(segments)
+    for (_, fs), rows in groups.items():
+        for i, quality in zip(rows, check_many(np.stack([segments[i] for i in rows]), fs, config), strict=True):
+            out[i] = quality
+    return out
+
+
+def check_many(segments: np.ndarray, fs: float, config: QualityConfig | None = None,
+               rails: tuple[float, float] | None = None) -> list[Quality]:
+    """Quality of each row of `segments` (n, length), all sampled at `fs` Hz; the same as `check`
+    row by row. Every test runs on every row; the first that fails names the reason."""
     c = config or QualityConfig()
-    x = np.asarray(values, dtype=np.float64).ravel()
-    if len(x) < 2 or not np.isfinite(x).all() or longest_hold(x) >= c.hold_s * fs:
-        return Quality(False, LEAD_OFF, float("nan"))
-    if np.ptp(x) < c.min_ptp:
-        return Quality(False, FLAT, float("nan"))
-    if clipped_samples(x, c.clip_tolerance, rails) >= max(c.clip_s * fs, 3):
-        return Quality(False, SATURATION, float("nan"))
-    ratio = hf_ratio(x, fs, c.hf_cutoff_hz, c.baseline_hz)
-    if ratio > c.max_hf_ratio:
-        return Quality(False, NOISE, ratio)
-    return Quality(True, None, ratio)
+    x = np.asarray(segments, dtype=np.float64)
+    if x.shape[1] < 2:
+        return [_LEAD_OFF] * len(x)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are lead-off whatever these give
+        failed = [~np.isfinite(x).all(axis=1) | (longest_holds(x) >= c.hold_s * fs),
+                  np.ptp(x, axis=1) < c.min_ptp,
+                  clipped_runs(x, c.clip_tolerance, rails) >= max(c.clip_s * fs, 3)]
+        ratios = hf_ratios(x, fs, c.hf_cutoff_hz, c.baseline_hz)
+    failed.append(ratios > c.max_hf_ratio)
+    codes = np.select(failed, [1, 2, 3, 4], 0).tolist()
+    return [_LEAD_OFF if code == 1 else _FLAT if code == 2 else _SATURATED if code == 3 else
+            Quality(code == 0, None if code == 0 else NOISE, ratio)
+            for code, ratio in zip(codes, ratios.tolist(), strict=True)]
 
 
-def longest_hold(x: np.ndarray) -> int:
-    """Length of the longest run of exactly equal consecutive samples."""
-    changes = np.flatnonzero(np.diff(x) != 0)
-    bounds = np.concatenate(([-1], changes, [len(x) - 1]))
-    return int(np.diff(bounds).max())
+_LEAD_OFF = Quality(False, LEAD_OFF, float("nan"))
+_FLAT = Quality(False, FLAT, float("nan"))
+_SATURATED = Quality(False, SATURATION, float("nan"))
 
 
-def clipped_samples(x: np.ndarray, tolerance: float, rails: tuple[float, float] | None = None) -> int:
-    """The longest run of consecutive samples at the segment's top or bottom (within `tolerance`
-    of its range), or beyond given rails: a clipped signal sits on a plateau, a peak passes."""
-    lo, hi = (float(x.min()), float(x.max())) if rails is None else rails
+def longest_holds(x: np.ndarray) -> np.ndarray:
+    """Per row, the length of the longest run of exactly equal consecutive samples."""
+    return _longest_runs(np.diff(x, axis=1) == 0) + 1
+
+
+def clipped_runs(x: np.ndarray, tolerance: float, rails: tuple[float, float] | None = None) -> np.ndarray:
+    """Per row, the longest run of consecutive samples at the row's top or bottom (within
+    `tolerance` of its range), or beyond given rails: a clipped signal sits on a plateau, a peak passes."""
+    if rails is None:
+        lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    else:
+        lo, hi = rails
     margin = tolerance * (hi - lo)
-    return max(_longest_true(x >= hi - margin), _longest_true(x <= lo + margin))
+    runs: np.ndarray = np.maximum(_longest_runs(x >= hi - margin), _longest_runs(x <= lo + margin))
+    return runs
 
 
-def _longest_true(mask: np.ndarray) -> int:
-    if not mask.any():
-        return 0
-    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
-    return int((np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).max())
+def _longest_runs(mask: np.ndarray) -> np.ndarray:
+    """Per row of a 2-d boolean array, the length of its longest run of True (0 when none)."""
+    positions = np.arange(1, mask.shape[1] + 1)
+    # At each position, the (1-based) position of the last False at or before it; 0 before the first.
+    last_false = np.maximum.accumulate(np.where(mask, 0, positions), axis=1)
+    runs: np.ndarray = (positions - last_false).max(axis=1)
+    return runs
 
 
-def hf_ratio(x: np.ndarray, fs: float, cutoff_hz: float = 40.0, baseline_hz: float = 0.5) -> float:
-    """Share of the power above `cutoff_hz` in the power above `baseline_hz` (0 when none)."""
-    spectrum = np.abs(np.fft.rfft(x - x.mean())) ** 2
-    freqs = np.fft.rfftfreq(len(x), d=1.0 / fs)
-    total = float(spectrum[freqs >= baseline_hz].sum())
-    return float(spectrum[freqs >= cutoff_hz].sum()) / total if total > 0 else 0.0
+def hf_ratios(x: np.ndarray, fs: float, cutoff_hz: float = 40.0, baseline_hz: float = 0.5) -> np.ndarray:
+    """Per row, the share of the power above `cutoff_hz` in the power above `baseline_hz` (0 when none)."""
+    spectrum = np.abs(np.fft.rfft(x - x.mean(axis=1, keepdims=True), axis=1)) ** 2
+    freqs = np.fft.rfftfreq(x.shape[1], d=1.0 / fs)
+    total, high = _row_sums(spectrum[:, freqs >= baseline_hz]), _row_sums(spectrum[:, freqs >= cutoff_hz])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios: np.ndarray = np.where(total > 0, high / total, 0.0)
+    return ratios
 
 
-__all__ = ["FLAT", "LEAD_OFF", "NOISE", "SATURATION", "Quality", "QualityConfig", "check", "clipped_samples",
-           "hf_ratio", "longest_hold"]
+def _row_sums(x: np.ndarray) -> np.ndarray:
+    """Each row summed as a 1-d array is (pairwise): `sum(axis=1)` adds in another order, and its
+    last bits would then depend on how many segments were checked together."""
+    return np.fromiter((row.sum() for row in x), dtype=np.float64, count=len(x))
+
+
+__all__ = ["FLAT", "LEAD_OFF", "NOISE", "SATURATION", "Quality", "QualityConfig", "check", "check_many",
+           "check_segments", "clipped_runs", "hf_ratios", "longest_holds"]
