@@ -223,3 +223,18 @@ def test_a_sensor_evicted_while_its_alert_is_open_gets_a_resolved_alert():
     states = [json.loads(v)["state"] for _, v in rig.producer.delivered(ALERTS)]
     assert states == ["firing", "resolved"] and not rig.monitor.states.policy.is_open((0, "a"))
     assert rig.consumer.group_committed == {0: 200}
+
+
+def test_alerts_at_the_same_window_start_in_two_segments_of_a_sensor_have_different_ids():
+    """Before: the id was sensor:start:state, so a device that rebooted (seq from 0 again) and alerted at
+    the same place repeated an earlier alert's id, and a consumer that de-duplicates by id dropped it."""
+    rig = Rig(quality_gating=False, max_batch=64)
+    for _ in range(2):  # two segments: the second starts at seq 0 again, a reset
+        rig.seq["a"] = 0
+        for level in [0.1] * 180 + [1.0] * 20 + [0.1] * 20:  # calibrates (first segment), fires, resolves
+            rig.produce("a", L, level=level)
+        rig.steps(80)
+    alerts = [json.loads(v) for _, v in rig.producer.delivered(ALERTS)]
+    where = [(a["state"], a["window_start_seq"]) for a in alerts]
+    assert [state for state, _ in where] == ["firing", "resolved"] * 2 and where[:2] == where[2:]  # the same places
+    assert len({a["alert_id"] for a in alerts}) == 4

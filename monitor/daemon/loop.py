@@ -287,17 +287,17 @@ class Monitor:
         for error in errors.tolist():
             self.metrics.reconstruction_error.observe(error)
         now = time.time()
-        problems = self._quality(batch)
-        for window, error, flag, bad in zip(batch, errors.tolist(), anomalous.tolist(), problems, strict=True):
+        for window, error, flag in zip(batch, errors.tolist(), anomalous.tolist(), strict=True):
             self.ledger.sent(window.partition, window.first_offset)  # scored: its outputs now hold the commit
             if isinstance(window, BeatWindow):
                 self.metrics.rr_interval.observe(window.rr_s)
-            self._calibrate_and_alert(window, error, flag, bad, now)
+            self._calibrate_and_alert(window, error, flag, now)
             if window.ts is not None:
                 self._latency_ts.append(window.ts)
 
-    def _calibrate_and_alert(self, window: Window, error: float, flag: bool, bad: str | None, now: float) -> None:
-        """Per-sensor calibration (`bad`: the window's signal-quality problem) -> policy -> score record and alerts."""
+    def _calibrate_and_alert(self, window: Window, error: float, flag: bool, now: float) -> None:
+        """Signal quality -> per-sensor calibration -> policy -> score record and alerts."""
+        bad = self._quality(window)
         outcome = self.states.apply(window.key, window.start_seq, window.last_offset, error, bad is None)
         if outcome is None:  # the restored state already reflects this window: its outputs were delivered
             return
@@ -314,7 +314,8 @@ class Monitor:
             self.outbox.send(self.settings.scores_topic, window.sensor_id.encode(), record.to_bytes())
             self.metrics.scores_published.inc()
         for state in outcome.transitions:
-            alert = AlertRecord(alert_id=AlertRecord.make_id(window.sensor_id, window.start_seq, state),
+            alert = AlertRecord(alert_id=AlertRecord.make_id(window.sensor_id, window.start_seq, state,
+                                                             window.partition, window.last_offset),
                                 sensor_id=window.sensor_id, state=cast(AlertState, state),
                                 window_start_seq=window.start_seq, window_end_seq=window.end_seq, score=error,
                                 threshold=self.threshold, model_version=self.scorer.model_version, detected_at=now,
@@ -326,16 +327,15 @@ class Monitor:
             log.info("alert", extra={"alert_id": alert.alert_id, "state": state, "score": round(error, 5),
                                      "calibrated_score": round(outcome.calibrated.score, 3)})
 
-    def _quality(self, batch: list[Window]) -> list[str | None]:
-        """Each window's signal-quality problem (lead_off, flat, saturation, noise) or None, on its
-        raw samples (a beat window carries them as `raw`; a fixed window's values are raw). The
-        batch is checked at once: one window at a time, numpy's per-call overhead made it 10x slower."""
+    def _quality(self, window: Window) -> str | None:
+        """The window's signal-quality problem (lead_off, flat, saturation, noise) or None, on its
+        raw samples (a beat window carries them as `raw`; a fixed window's values are raw)."""
         if not self.settings.quality_gating:
-            return [None] * len(batch)
-        segments = [w.values if (raw := getattr(w, "raw", None)) is None else raw for w in batch]
-        rates = [getattr(w, "fs", None) or self.settings.default_fs or float(len(values))
-                 for w, values in zip(batch, segments, strict=True)]
-        return [q.reason for q in quality.check_segments(segments, rates)]
+            return None
+        raw = getattr(window, "raw", None)
+        values = window.values if raw is None else raw
+        fs = getattr(window, "fs", None) or self.settings.default_fs or float(len(values))
+        return quality.check(values, fs).reason
 
     # -- delivery: the ledger's checkpoint flushes, then commits through here ---------------------
 
@@ -548,12 +548,13 @@ class Monitor:
         for key in evicted:
             if not self.states.policy.is_open(key):
                 continue
-            seq = starts.get(key, 0)
-            alert = AlertRecord(alert_id=AlertRecord.make_id(key[1], seq, "resolved"), sensor_id=key[1],
+            seq, position = starts.get(key, 0), self.ledger.positions.get(key[0], 0)
+            alert = AlertRecord(alert_id=AlertRecord.make_id(key[1], seq, "resolved", key[0], position),
+                                sensor_id=key[1],
                                 state="resolved", window_start_seq=seq, window_end_seq=seq, score=0.0,
                                 threshold=self.threshold, model_version=self.scorer.model_version, detected_at=now)
             self.outbox.send(self.settings.alerts_topic, key[1].encode(), alert.to_bytes())
-            self.ledger.sent(key[0], self.ledger.positions.get(key[0], 0))
+            self.ledger.sent(key[0], position)
             self.states.reset_policy(key)  # the changelog learns it too: a restart does not reopen it
             self.metrics.alerts.labels(state="resolved").inc()
             log.info("alert resolved: sensor evicted while firing", extra={"alert_id": alert.alert_id})

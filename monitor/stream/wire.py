@@ -147,9 +147,11 @@ class AlertRecord(BaseModel):
     quality: str | None = None  # the window's signal-quality problem, if any
 
     @staticmethod
-    def make_id(sensor_id: str, window_start_seq: int, state: str) -> str:
-        """Deterministic, so a redelivered alert can be de-duplicated downstream."""
-        return f"{sensor_id}:{window_start_seq}:{state}"
+    def make_id(sensor_id: str, window_start_seq: int, state: str, partition: int, offset: int) -> str:
+        """Deterministic, so a redelivered alert can be de-duplicated downstream: the input position
+        (partition, offset) of the record that completed the window tells apart windows with the same
+        start seq in two segments of a sensor (a device that rebooted counts from 0 again)."""
+        return f"{sensor_id}:{window_start_seq}:{state}@{partition}:{offset}"
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
