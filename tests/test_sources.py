@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from monitor.core.artefact import Artefact
+from monitor.core.model import ModelConfig
 from monitor.core.scoring import Scorer
 from monitor.stream.beats import BeatConvention
 from trainer import sources
@@ -64,7 +65,7 @@ def test_fit_sources_writes_an_artefact_that_carries_its_convention(tmp_path: Pa
     convention = BeatConvention()
     data = sources.Sources(convention, {"mit100": mit_normals[:120],
                                         "synthetic": sources.synthetic_beats(1, 0, convention, duration_s=30)})
-    recipe = sources.Recipe(embedding_dim=4, hidden_dim=8, epochs=1)
+    recipe = sources.Recipe(model=ModelConfig(embedding_dim=4, hidden_dim=8), epochs=1)
     artefact, fit = sources.fit_sources(data, recipe, seed=0)
     loaded = Artefact.load(artefact.save(tmp_path / "m.pt"))
     assert BeatConvention.from_dict(loaded.metadata["windowing"]) == convention

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -155,8 +155,8 @@ def collect(convention: BeatConvention, *, ecg5000: str | Path | None = None, ec
 class Recipe:
     """Training choices, chosen on cross-patient validation (docs/model-card.md)."""
 
-    embedding_dim: int = 16
-    hidden_dim: int = 32
+    #: the network's size; its window length is always the beat convention's (set in `fit_sources`)
+    model: ModelConfig = ModelConfig(embedding_dim=16, hidden_dim=32)
     epochs: int = 25
     batch_size: int = 32
     lr: float = 3e-3
@@ -210,8 +210,7 @@ def fit_sources(sources: Sources, recipe: Recipe = Recipe(), seed: int = 0, prog
     """Train on all sources with augmentation; threshold at a high percentile of validation errors."""
     train, val, train_sources = train_val(sources, recipe, seed)
     rng = np.random.default_rng(seed)
-    config = ModelConfig(window_length=sources.convention.length, embedding_dim=recipe.embedding_dim,
-                         hidden_dim=recipe.hidden_dim)
+    config = replace(recipe.model, window_length=sources.convention.length)
     with deterministic(seed, 1):
         fit = train_autoencoder(train, val, config, epochs=recipe.epochs, batch_size=recipe.batch_size,
                                 lr=recipe.lr, patience=recipe.epochs, seed=seed, progress=progress,
@@ -226,7 +225,8 @@ def fit_sources(sources: Sources, recipe: Recipe = Recipe(), seed: int = 0, prog
         # the daemon's per-sensor calibration starts from these (monitor.stream.calibration.Prior.from_stats)
         "validation_errors": error_stats(val_errors),
         "data": {"sources": sources.describe(), "train": len(train), "val": len(val), **sources.notes},
-        "recipe": {**{k: v for k, v in vars(recipe).items() if "augmentation" not in k},
+        "recipe": {**{k: v for k, v in vars(recipe).items() if "augmentation" not in k and k != "model"},
+                   "model": config.to_dict(),
                    "augmentation": recipe.augmentation.to_dict(),
                    "source_augmentation": {name: a.to_dict() for name, a in recipe.source_augmentation},
                    "seed": seed},
