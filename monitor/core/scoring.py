@@ -28,6 +28,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def padded_batch(n: int, max_batch: int) -> int:
+    """The batch size `n` windows are scored at: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ...
+    (two per octave), at most max_batch. On CPU torch's oneDNN caches a compiled LSTM kernel per input
+    shape (up to 1024 of them, about 1 MB each at 64 windows, more for larger batches), so scoring every
+    batch size as it came grew the daemon's memory for as long as new sizes turned up (the 30-minute
+    soak: +75 MB at max_batch 64; at 512 it passes 400 MB). With these sizes there are at most 18 shapes
+    up to 512, for at most half as many rows again per batch."""
+    if n >= max_batch:
+        return max_batch
+    power = 1 << (n - 1).bit_length()  # the next power of two >= n
+    between = power * 3 // 4  # 1.5 x the power of two below it
+    return min(between if power >= 4 and n <= between else power, max_batch)
+
+
 class Scorer:
     """`score(windows) -> errors`, one error per window, in the units of `threshold`."""
 
@@ -85,12 +99,17 @@ class Scorer:
         return normalise.apply(self.artefact.normalisation, x)
 
     def _forward(self, x: np.ndarray) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Yield (slice, input, reconstruction) tensors, max_batch windows at a time."""
+        """Yield (slice, input, reconstruction) tensors, max_batch windows at a time, each chunk padded
+        with zero windows to a `padded_batch` size (the padding is cut off again)."""
         with torch.inference_mode():
             for start in range(0, len(x), self.max_batch):
                 rows = slice(start, start + self.max_batch)
-                batch = torch.from_numpy(x[rows]).to(self.device, non_blocking=True)
-                yield rows, batch, self.model(batch)
+                chunk = x[rows]
+                n, size = len(chunk), padded_batch(len(chunk), self.max_batch)
+                if size > n:
+                    chunk = np.concatenate((chunk, np.zeros((size - n, *chunk.shape[1:]), dtype=chunk.dtype)))
+                batch = torch.from_numpy(chunk).to(self.device, non_blocking=True)
+                yield rows, batch[:n], self.model(batch)[:n]
 
     def reconstruct(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(normalised input, reconstruction), both (n, window_length, n_features)."""
@@ -113,4 +132,4 @@ class Scorer:
         return np.asarray(errors) > self.threshold
 
 
-__all__ = ["Scorer", "ArtefactError", "resolve_device", "DEVICES"]
+__all__ = ["Scorer", "ArtefactError", "resolve_device", "DEVICES", "padded_batch"]
