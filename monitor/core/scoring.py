@@ -66,10 +66,15 @@ class Scorer:
         file when it is not finite (finite weights can still overflow float32, and a model that
         scores NaN never alerts). Also makes the first real batch as fast as the rest."""
         wave = np.sin(np.linspace(0.0, 2 * np.pi, self.window_length, dtype=np.float32))
-        score = float(self.score(np.repeat(wave[None, :, None], self.n_features, axis=2))[0])
+        window = np.repeat(wave[None, :, None], self.n_features, axis=2)
+        score = float(self.score(window)[0])
         if not math.isfinite(score):
             raise ArtefactError(f"{self.source or 'model'}: warm-up score is {score}, not a finite number: "
                                 "the weights overflow float32 on an ordinary window")
+        # Every padded batch size once, so the per-shape kernels are built (and memory reaches its
+        # plateau) at start-up, not over the first hours of varied load.
+        for size in sorted({padded_batch(n, self.max_batch) for n in range(2, self.max_batch + 1)}):
+            self.score(np.repeat(window, size, axis=0))
         return score
 
     @property
