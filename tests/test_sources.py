@@ -93,3 +93,13 @@ def test_a_source_can_be_augmented_less_than_the_others(mit_normals: np.ndarray)
     assert out.shape == beats.shape
     assert np.allclose(out[:30], beats[:30], atol=1e-4)
     assert np.abs(out[30:] - beats[30:]).mean() > 0.05
+
+
+def test_a_repeated_source_weighs_more_in_training_and_keeps_its_validation_part(mit_normals: np.ndarray) -> None:
+    data = sources.Sources(BeatConvention(), {"ecg5000": mit_normals[:100], "synthetic": mit_normals[100:200]})
+    once = sources.train_val(data, sources.Recipe(), seed=0)
+    twice = sources.train_val(data, sources.Recipe(source_repeats=(("ecg5000", 2),)), seed=0)
+    assert np.array_equal(once[1], twice[1])  # the same validation beats
+    assert list(np.unique(twice[2], return_counts=True)[1]) == [2 * 85, 85]
+    assert np.array_equal(np.unique(twice[0][twice[2] == "ecg5000"], axis=0),
+                          np.unique(once[0][once[2] == "ecg5000"], axis=0))  # copies, no new beats

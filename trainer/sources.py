@@ -170,6 +170,9 @@ class Recipe:
     #: too cost ECG5000's test AUROC 0.98 -> 0.95 and scored worse on the synthetic-patient validation
     #: (docs/model-card.md).
     source_augmentation: tuple[tuple[str, augment_mod.Augmentation], ...] = (("ecg5000", augment_mod.NONE),)
+    #: how many times each epoch sees a source's training beats (by source name; others once): a
+    #: source's weight in the loss, without touching its validation part.
+    source_repeats: tuple[tuple[str, int], ...] = ()
 
     def augmentation_of(self, source: str) -> augment_mod.Augmentation:
         return dict(self.source_augmentation).get(source, self.augmentation)
@@ -178,7 +181,7 @@ class Recipe:
 def train_val(sources: Sources, recipe: Recipe, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each source split into train / validation (validation: `val_fraction` of each, so every
     patient is represented in both); a source is capped so no patient dominates. Also returns
-    each training beat's source name."""
+    each training beat's source name. A repeated source's extra copies follow all the beats."""
     rng = np.random.default_rng(seed)
     train, val, names = [], [], []
     for name, beats in sources.beats.items():
@@ -187,7 +190,10 @@ def train_val(sources: Sources, recipe: Recipe, seed: int) -> tuple[np.ndarray, 
         val.append(shuffled[:n_val])
         train.append(shuffled[n_val:][:recipe.max_beats_per_source])
         names.append(np.full(len(train[-1]), name))
-    return np.concatenate(train)[:, :, None], np.concatenate(val)[:, :, None], np.concatenate(names)
+    train_names = np.concatenate(names)
+    copies = [np.flatnonzero(train_names == name) for name, times in recipe.source_repeats for _ in range(times - 1)]
+    rows = np.concatenate([np.arange(len(train_names)), *copies])
+    return np.concatenate(train)[rows, :, None], np.concatenate(val)[:, :, None], train_names[rows]
 
 
 def augmenter(recipe: Recipe, train_sources: np.ndarray, rng: np.random.Generator
