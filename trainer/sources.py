@@ -156,7 +156,7 @@ class Recipe:
     """Training choices, chosen on cross-patient validation (docs/model-card.md)."""
 
     #: the network's size; its window length is always the beat convention's (set in `fit_sources`)
-    model: ModelConfig = ModelConfig(embedding_dim=16, hidden_dim=32)
+    model: ModelConfig = ModelConfig(embedding_dim=32, hidden_dim=64)
     epochs: int = 25
     batch_size: int = 32
     lr: float = 3e-3
@@ -171,8 +171,10 @@ class Recipe:
     #: (docs/model-card.md).
     source_augmentation: tuple[tuple[str, augment_mod.Augmentation], ...] = (("ecg5000", augment_mod.NONE),)
     #: how many times each epoch sees a source's training beats (by source name; others once): a
-    #: source's weight in the loss, without touching its validation part.
-    source_repeats: tuple[tuple[str, int], ...] = ()
+    #: source's weight in the loss, without touching its validation part. ECG5000 counts twice (the
+    #: other sources outnumber it): with the larger model, its validation error fell 0.21 -> 0.15 and
+    #: the synthetic-patient validation held (three times: FPR 0.21 on one seed; docs/model-card.md).
+    source_repeats: tuple[tuple[str, int], ...] = (("ecg5000", 2),)
 
     def augmentation_of(self, source: str) -> augment_mod.Augmentation:
         return dict(self.source_augmentation).get(source, self.augmentation)
