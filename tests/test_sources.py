@@ -103,3 +103,25 @@ def test_a_repeated_source_weighs_more_in_training_and_keeps_its_validation_part
     assert list(np.unique(twice[2], return_counts=True)[1]) == [2 * 85, 85]
     assert np.array_equal(np.unique(twice[0][twice[2] == "ecg5000"], axis=0),
                           np.unique(once[0][once[2] == "ecg5000"], axis=0))  # copies, no new beats
+
+
+def test_the_operating_point_is_chosen_on_ecg5000_validation_and_served_by_the_daemon(
+        tmp_path: Path, mit_normals: np.ndarray, ecg_data_dir: Path) -> None:
+    from monitor.daemon.settings import MonitorSettings
+    from monitor.daemon.state_store import policy_config
+    from trainer.evaluate import OPERATING_ANOMALY_FRACTION
+    from trainer.split import recorded_split
+
+    data = sources.Sources(BeatConvention(), {"mit100": mit_normals[:120]})
+    artefact, _ = sources.fit_sources(data, sources.Recipe(model=ModelConfig(embedding_dim=4, hidden_dim=8), epochs=1))
+    point = sources.add_operating_point(artefact, ecg_data_dir, split_seed=3, budget_per_hour=0.5)
+    loaded = Artefact.load(artefact.save(tmp_path / "m.pt"))
+
+    assert point["budget_per_hour"] == 0.5 and point["detection_measured"] and point["curve"]
+    assert loaded.metadata["operating_point"]["chosen"] == point["chosen"] and "curve" not in loaded.metadata[
+        "operating_point"]
+    # the test part evaluate cuts leaves out the anomalous beats the point was chosen on
+    assert recorded_split(loaded.metadata) == {"seed": 3, "val_fraction": 0.15, "test_fraction": 0.15,
+                                               "val_anomaly_fraction": OPERATING_ANOMALY_FRACTION}
+    served = policy_config(Scorer(loaded, device="cpu"), MonitorSettings(_env_file=None))
+    assert served.fire_level == point["policy"]["fire_level"] and served.aggregate == point["policy"]["aggregate"]

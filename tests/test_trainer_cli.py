@@ -51,6 +51,9 @@ def test_evaluate_json_reproduces_the_fit_time_test_metrics(tiny_run, ecg_data_d
     for key in ("auroc", "average_precision", "precision", "recall", "f1", "threshold"):
         assert result[key] == pytest.approx(fitted[key]), key
     assert result["n"] == fitted["n"]
+    streams = result["streams"]  # the model's own alert policy over streams of its held-out test beats
+    assert streams["policy"] == Artefact.load(model).metadata["policy"] and len(streams["per_seed"]) == 3
+    assert 0 <= streams["detection_rate"] <= 1 and streams["false_alerts_per_hour"] >= 0
 
 
 def test_info_prints_the_metadata(tiny_run, capsys):

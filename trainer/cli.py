@@ -159,6 +159,14 @@ def _summary(m: dict[str, Any]) -> str:
             f"confusion tn={cm['tn']} fp={cm['fp']} fn={cm['fn']} tp={cm['tp']}; share flagged per class: {rates}")
 
 
+def _streams_summary(streams: dict[str, Any]) -> str:
+    p = streams["policy"]
+    seeds = ", ".join(f"{r['false_alerts_per_hour']:.2f}/h {r['detection_rate']:.1%}" for r in streams["per_seed"])
+    return (f"test streams ({streams['sensor_hours_per_seed']} sensor-hours of each kind per seed, 1 beat/s), alert "
+            f"policy {p['aggregate']} over {p['fire_level']:.3f}: {streams['false_alerts_per_hour']:.2f} false alerts "
+            f"per sensor-hour, {streams['detection_rate']:.1%} of injected anomalous runs detected (per seed: {seeds})")
+
+
 def _policy_summary(point: dict[str, Any]) -> str:
     c, p = point["chosen"], point["policy"]
     detected = "n/a (no anomalous validation beats)" if c["detection_rate"] is None else f"{c['detection_rate']:.1%}"
@@ -206,6 +214,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{args.model} ({result['model_version']}), subset {result['subset']}, "
               f"threshold {result['threshold']:.4f}")
         print(_summary(result))
+        if "streams" in result:
+            print(_streams_summary(result["streams"]))
     return 0
 
 

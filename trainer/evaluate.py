@@ -17,8 +17,14 @@ from monitor.core.scoring import Scorer
 from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
 from monitor.stream.policy import ScorePolicyConfig
 from trainer import streams
+from trainer import data as data_mod
 from trainer.data import ECG5000_CLASSES
 from trainer.recordings import AAMI_NAMES, NORMAL, UNMATCHED, RecordingBeats, rpeak_accuracy
+from trainer.split import split
+
+#: Share of ECG5000's anomalous beats (stratified per class) a multi-source model's operating point is
+#: chosen on; its test figures use the rest (`ecg5000_operating_point`).
+OPERATING_ANOMALY_FRACTION = 0.3
 
 #: Validation streams for the operating point: this many sensor-hours of normal beats, and as many
 #: with injected anomalous runs (3-6 beats, 30 per hour) when validation holds anomalous beats.
@@ -167,6 +173,48 @@ def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, p
                                    "beat_period_s": beat_period_s, "warmup_beats": warmup,
                                    "normal_beats": int((labels == normal_label).sum()),
                                    "anomalous_beats": int((labels != normal_label).sum())}}
+
+
+#: Held-out test streams (`stream_figures`): sensor-hours of each kind per seed, and the seeds.
+TEST_SENSOR_HOURS, TEST_STREAM_SEEDS = 20, (0, 1, 2)
+
+
+def stream_figures(errors: np.ndarray, labels: np.ndarray, normal_label: str, prior: Prior,
+                   policy: ScorePolicyConfig) -> dict[str, Any]:
+    """The alert policy over streams of *test* beats at one beat per second (trainer.streams), as a ward
+    would see it: per seed, false alerts per sensor-hour on streams of normal beats, and the share of
+    injected anomalous runs (3-6 beats, RUNS_PER_HOUR) that raise an alert within the run, with the delay."""
+    errors, labels = np.asarray(errors, dtype=np.float64), np.asarray(labels).astype(str)
+    warmup = CalibrationConfig().warmup_beats
+
+    def figures(runs_per_hour: float, seed: int) -> dict[str, Any]:
+        made = streams.ecg5000_streams(errors, labels, n_streams=TEST_SENSOR_HOURS, runs_per_hour=runs_per_hour,
+                                       warmup_beats=warmup, normal_label=normal_label, seed=seed)
+        return streams.evaluate(*streams.run_policy(made, prior, policy=policy), warmup_beats=warmup)
+
+    per_seed = []
+    for seed in TEST_STREAM_SEEDS:
+        normal, runs = figures(0, seed), figures(RUNS_PER_HOUR, seed + 100)
+        per_seed.append({"seed": seed, "false_alerts_per_hour": normal["false_alerts_per_hour"],
+                         "detection_rate": runs["detection_rate"], "mean_delay_beats": runs["mean_delay_beats"]})
+    return {"policy": asdict(policy), "sensor_hours_per_seed": TEST_SENSOR_HOURS, "runs_per_hour": RUNS_PER_HOUR,
+            "per_seed": [_json_row(r) for r in per_seed],
+            "false_alerts_per_hour": float(np.mean([r["false_alerts_per_hour"] for r in per_seed])),
+            "detection_rate": float(np.mean([r["detection_rate"] for r in per_seed]))}
+
+
+def ecg5000_operating_point(scorer: Scorer, ecg5000_dir: Path, split_seed: int, *, budget_per_hour: float = 1.0,
+                            anomaly_fraction: float = OPERATING_ANOMALY_FRACTION
+                            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The operating point of a model trained on ECG5000's train part (split `split_seed`) among other
+    sources, chosen on streams of ECG5000's validation normals and `anomaly_fraction` of its anomalous
+    beats; and the split to record in the artefact, so its test part leaves those anomalies out.
+    (The normals' split does not depend on `anomaly_fraction`: the training beats stay the same.)"""
+    record: dict[str, Any] = {"seed": split_seed, "val_fraction": 0.15, "test_fraction": 0.15,
+                              "val_anomaly_fraction": anomaly_fraction}
+    val = split(data_mod.load(ecg5000_dir), "1", split_seed, 0.15, 0.15, anomaly_fraction).val
+    prior = Prior.from_stats(scorer.artefact.metadata["validation_errors"], scorer.threshold)
+    return operating_point(scorer.score(val.windows), val.labels, "1", prior, budget_per_hour), record
 
 
 def _fewest_false_alerts(normal: list[streams.Scored], anomalous: list[streams.Scored], warmup: int

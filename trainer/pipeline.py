@@ -30,7 +30,7 @@ from monitor.stream.calibration import Prior
 from monitor.stream.policy import ScorePolicyConfig
 from trainer import data as data_mod
 from trainer import plots, recordings, streams
-from trainer.evaluate import (error_stats, evaluate, evaluate_recording, operating_point,
+from trainer.evaluate import (error_stats, evaluate, evaluate_recording, operating_point, stream_figures,
                               write_report)
 from trainer.fit import FitResult, deterministic, torch_threads, train_autoencoder
 from trainer.settings import TrainerSettings
@@ -242,7 +242,12 @@ def evaluate_artefact(model: Path, settings: TrainerSettings | None = None, subs
     else:
         raise ValueError(f"subset must be test, val, train or all, not {subset!r}")
     with torch_threads(s.torch_threads):
-        result, _ = evaluate(Scorer(artefact, device="cpu"), windows, labels, s.normal_label)
+        result, errors = evaluate(Scorer(artefact, device="cpu"), windows, labels, s.normal_label)
+    stats = artefact.metadata.get("validation_errors")
+    if stats and subset == "test" and (np.asarray(labels) != s.normal_label).any():
+        policy = ScorePolicyConfig(**artefact.metadata["policy"]) if "policy" in artefact.metadata else None
+        result["streams"] = stream_figures(errors, labels, s.normal_label, Prior.from_stats(stats, artefact.threshold),
+                                           policy or ScorePolicyConfig())
     return {"model_version": artefact.model_version, "subset": subset, "data_digest": split_data.dataset.digest,
             **result}
 
