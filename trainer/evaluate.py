@@ -212,7 +212,7 @@ def ecg5000_operating_point(scorer: Scorer, ecg5000_dir: Path, split_seed: int, 
     (The normals' split does not depend on `anomaly_fraction`: the training beats stay the same.)"""
     record: dict[str, Any] = {"seed": split_seed, "val_fraction": 0.15, "test_fraction": 0.15,
                               "val_anomaly_fraction": anomaly_fraction}
-    val = split(data_mod.load(ecg5000_dir), "1", split_seed, 0.15, 0.15, anomaly_fraction).val
+    val = split(data_mod.load(ecg5000_dir), "1", **record).val
     prior = Prior.from_stats(scorer.artefact.metadata["validation_errors"], scorer.threshold)
     return operating_point(scorer.score(val.windows), val.labels, "1", prior, budget_per_hour), record
 

@@ -243,23 +243,26 @@ def evaluate_artefact(model: Path, settings: TrainerSettings | None = None, subs
         raise ValueError(f"subset must be test, val, train or all, not {subset!r}")
     with torch_threads(s.torch_threads):
         result, errors = evaluate(Scorer(artefact, device="cpu"), windows, labels, s.normal_label)
-    stats = artefact.metadata.get("validation_errors")
-    if stats and subset == "test" and (np.asarray(labels) != s.normal_label).any():
-        policy = ScorePolicyConfig(**artefact.metadata["policy"]) if "policy" in artefact.metadata else None
-        result["streams"] = stream_figures(errors, labels, s.normal_label, Prior.from_stats(stats, artefact.threshold),
-                                           policy or ScorePolicyConfig())
+    if artefact.metadata.get("validation_errors") and subset == "test" and (np.asarray(labels) != s.normal_label).any():
+        result["streams"] = stream_figures(errors, labels, s.normal_label, *served_policy(artefact))
     return {"model_version": artefact.model_version, "subset": subset, "data_digest": split_data.dataset.digest,
             **result}
+
+
+def served_policy(artefact: Artefact) -> tuple[Prior, ScorePolicyConfig]:
+    """The calibration prior (its validation error stats) and the alert policy (its `policy`, else the
+    defaults) the daemon serves this artefact with, without the MONITOR_ALERT_* overrides."""
+    stored = artefact.metadata.get("policy")
+    return (Prior.from_stats(artefact.metadata["validation_errors"], artefact.threshold),
+            ScorePolicyConfig(**stored) if stored else ScorePolicyConfig())
 
 
 def evaluate_recordings(artefact: Artefact, s: TrainerSettings) -> dict[str, Any]:
     """Each recording scored beat by beat, in order (`trainer.evaluate.evaluate_recording`), with the
     artefact's own alert policy and its calibration prior (its validation error stats)."""
-    stats = artefact.metadata.get("validation_errors")
-    if not stats:
+    if not artefact.metadata.get("validation_errors"):
         raise ValueError("the model has no validation error stats (metadata validation_errors) to calibrate with")
-    prior = Prior.from_stats(stats, artefact.threshold)
-    policy = ScorePolicyConfig(**artefact.metadata["policy"]) if "policy" in artefact.metadata else None
+    prior, policy = served_policy(artefact)
     convention = artefact.metadata.get("windowing", {"kind": "fixed"})
     if convention.get("kind") != "beats":
         raise ValueError(f"this model scores fixed windows (windowing {convention}), not beats of a recording: "

@@ -221,7 +221,7 @@ class ScorePolicy:
       alert is raised, at most one per `quality_interval_beats` beats.
 
     `observe` returns the transitions of this beat (usually none); alert ids stay deterministic
-    when the caller names them by the beat (`AlertRecord.make_id(sensor, beat seq, state)`).
+    when the caller names them by the beat and its input position (`AlertRecord.make_id`).
     The state of a sensor is restored with `restore(key, snapshot(key))` (e.g. from a changelog),
     so no replay of earlier beats is needed.
     """

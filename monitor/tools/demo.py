@@ -48,6 +48,7 @@ from trainer.data import default_cache_dir
 from trainer.split import recorded_split
 
 if TYPE_CHECKING:
+    from monitor.core.artefact import Artefact
     from trainer.recordings import Recording
 
 INPUT_TOPIC, ALERTS_TOPIC, DLQ_TOPIC = "ecg.samples", "ecg.alerts", "ecg.samples.dlq"
@@ -333,17 +334,16 @@ def missing_dependencies() -> str | None:
     return None
 
 
-def ensure_model(args: argparse.Namespace, console) -> Path:
-    """--model, else the shipped model; either must load (an unusable file is a clear error)."""
+def load_model(args: argparse.Namespace) -> tuple[Path, Artefact]:
+    """--model, else the shipped model, loaded (an unusable file is a clear error)."""
     # lazy, like every torch import here: torch takes seconds to import, and `demo --help` needs none of it
     from monitor.core.artefact import Artefact, ArtefactError
 
     path = args.model or SHIPPED_MODEL_PATH
     try:
-        Artefact.load(path)
+        return path, Artefact.load(path)
     except ArtefactError as exc:
         raise DemoError(f"cannot use the model {path}: {exc}") from exc
-    return path
 
 
 def build_demo_streams(args: argparse.Namespace, data_dir: Path, split_options: dict) -> list[SensorStream]:
@@ -548,11 +548,8 @@ class StopOnSignals:
 
 
 def run_demo(args: argparse.Namespace, console: Console, stop: threading.Event) -> dict[str, Any]:
-    from monitor.core.artefact import Artefact  # lazy: see first_usable_model
-
     record = RecordDemo.of(args, console) if is_record(args) else None
-    model_path = ensure_model(args, console)
-    artefact = Artefact.load(model_path)
+    model_path, artefact = load_model(args)
     if record is not None:
         streams = record.streams
     else:
