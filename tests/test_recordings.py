@@ -165,6 +165,30 @@ def test_evaluate_on_record_100_gives_per_class_figures_and_r_peak_accuracy(fitt
     assert stream["runs"] >= 1 and "S" in stream["per_beat_auroc"]
 
 
+def test_evaluate_on_a_database_pools_the_patients_figures(fitted, excerpt, tmp_path, capsys):
+    """One folder per record (as mirrors of PhysioNet databases hold them): every record is read, and the
+    pooled figures are the per-recording ones summed, with the per-patient AUROC spread."""
+    model, _ = fitted
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for suffix in (".hea", ".dat", ".atr"):
+            (tmp_path / folder / ("ex100" + suffix)).write_bytes(excerpt.with_suffix(suffix).read_bytes())
+    assert recordings.is_recording(tmp_path)
+    assert main(["evaluate", "--model", str(model), "--data", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    streams = [r["stream"] for r in result["recordings"]]
+    pooled = result["pooled"]
+    assert pooled["recordings"] == 2 and pooled["beats"] == sum(r["beats"] for r in result["recordings"])
+    for key in ("alerts", "false_alerts", "runs", "detected"):
+        assert pooled[key] == sum(s[key] for s in streams)
+    assert pooled["normal_hours"] == pytest.approx(sum(s["normal_hours"] for s in streams))
+    assert sum(v["runs"] for v in pooled["detection_by_length"].values()) == pooled["runs"] > 0
+    assert set(pooled["detection_by_length"]) <= {"1", "2", "3+"}
+    assert pooled["detection_by_class"]["S"]["runs"] == 2 * streams[0]["detection_by_class"]["S"]["runs"]
+    main(["evaluate", "--model", str(model), "--data", str(tmp_path)])
+    assert "all 2 recordings" in capsys.readouterr().out
+
+
 @needs_record
 def test_a_fixed_window_model_refuses_to_score_a_recording(tmp_path, capsys):
     config = ModelConfig(window_length=140, embedding_dim=2, hidden_dim=4)

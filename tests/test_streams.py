@@ -10,7 +10,7 @@ import pytest
 
 from monitor.stream.calibration import CalibrationConfig, Prior
 from monitor.stream.policy import FIRING, ScorePolicyConfig
-from trainer.streams import (Scored, Stream, annotated_stream, choose_operating_point, ecg5000_streams,
+from trainer.streams import (Scored, Stream, annotated_stream, choose_operating_point, combine, ecg5000_streams,
                              event_stats, evaluate, fired, legacy_fired, nab_raw, nab_score, nab_sigmoid,
                              nab_windows, per_class_auroc, plot_operating_curve, policy_alerts, run_policy)
 
@@ -41,6 +41,14 @@ def test_a_run_counts_once_with_its_delay_and_false_alerts_are_counted_over_norm
     assert missed.detected == 0 and missed.false_alerts == 0  # a late alert in the settle beats: not false
     graced = event_stats(s, np.array([9]), grace_beats=2, settle_beats=2)
     assert graced.detected == 1 and graced.delays_beats == [4]
+
+
+def test_detection_is_also_counted_by_run_length_isolated_beats_couplets_and_runs():
+    s = stream("NNVNNNNVVNNNNSSSSNNNNVNNNNVVVNNNN")  # lengths 1, 2, 4, 1, 3
+    stats = event_stats(s, np.array([8, 15]), settle_beats=2)  # the couplet and the 4-beat run
+    assert stats.by_length == {"1": (2, 0), "2": (1, 1), "3+": (2, 1)}
+    assert stats.summary()["detection_by_length"]["3+"] == {"runs": 2, "detected": 1, "rate": 0.5}
+    assert combine([stats, stats]).by_length == {"1": (4, 0), "2": (2, 2), "3+": (4, 2)}
 
 
 def test_warm_up_beats_do_not_count_as_normal_time_but_alerts_there_are_false():

@@ -197,6 +197,22 @@ def _recording_summary(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _pooled_summary(p: dict[str, Any]) -> str:
+    def runs(row: dict[str, Any]) -> str:
+        return f"{row['detected']}/{row['runs']}"
+
+    rate = "n/a" if p["false_alerts_per_hour"] is None else f"{p['false_alerts_per_hour']:.2f}"
+    by_length = ", ".join(f"{k}: {runs(v)}" for k, v in p["detection_by_length"].items())
+    lines = [f"all {p['recordings']} recordings ({p['hours']:.1f} h, {p['beats']} beats): {p['alerts']} alerts, "
+             f"{p['false_alerts']} false = {rate} per hour over {p['normal_hours']:.2f} h outside non-normal stretches",
+             f"  runs detected by length (beats): {by_length}",
+             "  runs detected by class: " + ", ".join(f"{k} {runs(v)}" for k, v in p["detection_by_class"].items())]
+    for cls, a in p["auroc_by_class"].items():
+        lines.append(f"  {cls} vs N per-beat AUROC over {a['recordings']} recordings with >= {p['min_class_beats']} "
+                     f"such beats: median {a['median']:.3f}, min {a['min']:.3f}, below 0.5 in {a['below_chance']}")
+    return "\n".join(lines)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.pipeline import evaluate_artefact
 
@@ -210,6 +226,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                  if result["trained_on_this_data"] else ""))
         for recording in result["recordings"]:
             print(_recording_summary(recording))
+        if "pooled" in result:
+            print(_pooled_summary(result["pooled"]))
     else:
         print(f"{args.model} ({result['model_version']}), subset {result['subset']}, "
               f"threshold {result['threshold']:.4f}")

@@ -30,8 +30,8 @@ from monitor.stream.calibration import Prior
 from monitor.stream.policy import ScorePolicyConfig
 from trainer import data as data_mod
 from trainer import plots, recordings, streams
-from trainer.evaluate import (error_stats, evaluate, evaluate_recording, operating_point, stream_figures,
-                              write_report)
+from trainer.evaluate import (error_stats, evaluate, evaluate_recording, operating_point, pool_recordings,
+                              stream_figures, write_report)
 from trainer.fit import FitResult, deterministic, torch_threads, train_autoencoder
 from trainer.settings import TrainerSettings
 from trainer.split import SplitData, recorded_split, split
@@ -276,4 +276,4 @@ def evaluate_recordings(artefact: Artefact, s: TrainerSettings) -> dict[str, Any
         results = [evaluate_recording(scorer, c, prior, policy) for c in cuts]
     return {"model_version": artefact.model_version, "subset": "recording", "threshold": artefact.threshold,
             "data_digest": digest, "trained_on_this_data": artefact.metadata.get("data", {}).get("digest") == digest,
-            "recordings": results}
+            "recordings": results, **({"pooled": pool_recordings(results)} if len(results) > 1 else {})}

@@ -76,21 +76,22 @@ class RecordingBeats:
 # -- reading -----------------------------------------------------------------------------------------------
 
 def is_recording(path: Path | None, fs: float | None = None) -> bool:
-    """A WFDB record (`.hea`, or a directory of them), or a signal file read as one lead with `fs`
-    (CSV/Parquet without `fs` stay tables of windows, trainer.data's format)."""
+    """A WFDB record (`.hea`, or a directory holding them, also in subdirectories), or a signal file read as
+    one lead with `fs` (CSV/Parquet without `fs` stay tables of windows, trainer.data's format)."""
     if path is None:
         return False
     path = Path(path)
-    if path.suffix.lower() == ".hea" or (path.is_dir() and any(path.glob("*.hea"))):
+    if path.suffix.lower() == ".hea" or (path.is_dir() and any(path.rglob("*.hea"))):
         return True
     return fs is not None and path.suffix.lower() in SIGNAL_SUFFIXES
 
 
 def read(path: Path, *, fs: float | None = None, lead: str | None = None) -> list[Recording]:
-    """Every recording at `path`: one `.hea` record, each record of a directory (sorted), or a signal file."""
+    """Every recording at `path`: one `.hea` record, each record under a directory (sorted by path: a database
+    as PhysioNet serves it, or one folder per record), or a signal file."""
     path = Path(path)
     if path.is_dir():
-        headers = sorted(path.glob("*.hea"))
+        headers = sorted(path.rglob("*.hea"))
         if not headers:
             raise DataError(f"{path}: no WFDB records (.hea) in this directory")
         return [read_wfdb(h, lead) for h in headers]

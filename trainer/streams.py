@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,9 @@ class EventStats:
     false_alerts: int
     normal_hours: float
     by_class: dict[str, tuple[int, int]]  # class -> (runs, detected)
+    #: run length ("1": an isolated beat, "2": a couplet, "3+": a run) -> (runs, detected); the alert policy
+    #: aggregates several beats, so isolated beats are not meant to alert and runs are
+    by_length: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def detection_rate(self) -> float:
@@ -264,8 +267,16 @@ class EventStats:
                 "p90_delay_beats": float(np.percentile(self.delays_beats, 90)) if self.delays_beats else None,
                 "false_alerts": self.false_alerts, "normal_hours": self.normal_hours,
                 "false_alerts_per_hour": self.false_alerts_per_hour,
-                "detection_by_class": {c: {"runs": r, "detected": d, "rate": d / r if r else None}
-                                       for c, (r, d) in sorted(self.by_class.items())}}
+                "detection_by_class": count_rates(self.by_class), "detection_by_length": count_rates(self.by_length)}
+
+
+def count_rates(counts: dict[str, tuple[int, int]]) -> dict[str, dict[str, Any]]:
+    return {k: {"runs": r, "detected": d, "rate": d / r if r else None} for k, (r, d) in sorted(counts.items())}
+
+
+def run_length(start: int, end: int) -> str:
+    """The `EventStats.by_length` bucket of the run [start, end)."""
+    return "3+" if end - start >= 3 else str(end - start)
 
 
 def event_stats(stream: Stream, alerts: np.ndarray, *, grace_beats: int = 0, settle_beats: int = 10,
@@ -280,6 +291,7 @@ def event_stats(stream: Stream, alerts: np.ndarray, *, grace_beats: int = 0, set
     delays_b: list[int] = []
     delays_s: list[float] = []
     by_class: dict[str, tuple[int, int]] = {}
+    by_length: dict[str, tuple[int, int]] = {}
     detected = 0
     for start, end in runs:
         excluded[start:min(n, end + settle_beats)] = True
@@ -291,11 +303,13 @@ def event_stats(stream: Stream, alerts: np.ndarray, *, grace_beats: int = 0, set
             delays_b.append(int(hit[0] - start))
             delays_s.append(float(stream.times_s[min(hit[0], n - 1)] - stream.times_s[start]))
         by_class[cls] = (r + 1, d + int(len(hit) > 0))
+        r, d = by_length.get(run_length(start, end), (0, 0))
+        by_length[run_length(start, end)] = (r + 1, d + int(len(hit) > 0))
     inside_runs = np.zeros(n, dtype=bool)
     for start, end in runs:
         inside_runs[start:min(n, end + max(grace_beats, settle_beats))] = True
     false = int(np.sum(~inside_runs[alerts[alerts < n]]))
-    return EventStats(len(runs), detected, delays_b, delays_s, false, _hours(stream, ~excluded), by_class)
+    return EventStats(len(runs), detected, delays_b, delays_s, false, _hours(stream, ~excluded), by_class, by_length)
 
 
 def _majority(labels: np.ndarray) -> Any:
@@ -314,14 +328,20 @@ def _hours(stream: Stream, mask: np.ndarray) -> float:
 
 def combine(stats: Iterable[EventStats]) -> EventStats:
     items = list(stats)
-    by_class: dict[str, tuple[int, int]] = {}
-    for s in items:
-        for c, (r, d) in s.by_class.items():
-            r0, d0 = by_class.get(c, (0, 0))
-            by_class[c] = (r0 + r, d0 + d)
     return EventStats(sum(s.runs for s in items), sum(s.detected for s in items),
                       [d for s in items for d in s.delays_beats], [d for s in items for d in s.delays_s],
-                      sum(s.false_alerts for s in items), sum(s.normal_hours for s in items), by_class)
+                      sum(s.false_alerts for s in items), sum(s.normal_hours for s in items),
+                      add_counts([s.by_class for s in items]), add_counts([s.by_length for s in items]))
+
+
+def add_counts(counts: Iterable[dict[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
+    """(runs, detected) pairs summed key by key."""
+    out: dict[str, tuple[int, int]] = {}
+    for c in counts:
+        for k, (r, d) in c.items():
+            r0, d0 = out.get(k, (0, 0))
+            out[k] = (r0 + r, d0 + d)
+    return out
 
 
 # -- NAB score -------------------------------------------------------------------------------------------------------
