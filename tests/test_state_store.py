@@ -25,10 +25,11 @@ from monitor.stream.wire import encode_input
 WARMUP = 5
 
 
-def make_states(clock: FakeClock | None = None, model_version: str = "m1", **kwargs: Any) -> SensorStates:
+def make_states(clock: FakeClock | None = None, model_version: str = "m1", policy: ScorePolicyConfig | None = None,
+                **kwargs: Any) -> SensorStates:
     calibrator = Calibrator(Prior(math.log(0.1), 0.4, 0.3), CalibrationConfig(warmup_beats=WARMUP))
-    return SensorStates(calibrator, ScorePolicy(ScorePolicyConfig()), model_version, clock=clock or FakeClock(),
-                        **kwargs)
+    return SensorStates(calibrator, ScorePolicy(policy or ScorePolicyConfig()), model_version,
+                        clock=clock or FakeClock(), **kwargs)
 
 
 def errors(n: int, seed: int = 0) -> list[float]:
@@ -297,3 +298,32 @@ def test_partitions_whose_changelog_cannot_be_read_wait_paused_until_a_retry_res
     assert changelog.reads == [{0, 1, 2}] * 3 and again.paused_partitions == set()
     after = scores(producer)[n_before:]
     assert [(s["window_start_seq"], s["calibration"]) for s in after] == [((WARMUP + 2) * L, "calibrated")]
+
+
+def test_a_beat_sensors_rhythm_feeds_the_policy_and_survives_a_restore():
+    """Beat windows carry their R peak: a premature beat gets a rhythm score, which the policy adds at its
+    weight, and the sensor's intervals and learnt spread come back from the changelog bit for bit."""
+    rng = np.random.default_rng(5)
+    r_peaks = np.cumsum(0.8 * (1 + rng.normal(0, 0.02, 400)))
+    premature = 300
+    r_peaks[premature:] -= 0.3  # beat 300 comes 0.3 s early (then the rhythm goes on)
+    errs = errors(400)
+
+    def beats(states: SensorStates, rows: range) -> list:
+        return [states.apply((0, "b"), 10 * i, i, errs[i], True, float(r_peaks[i])) for i in rows]
+
+    original = make_states()
+    first = beats(original, range(200))
+    assert all(o.rhythm_score == 0 for o in first[:150])  # the rhythm's warm-up
+    copy = restored_from(original)
+    rest = beats(original, range(200, 400))
+    assert beats(copy, range(200, 400)) == rest
+    assert rest[premature - 200].rhythm_score > 5 and max(o.rhythm_score for o in rest[101:]) < 3
+    shape_only, default = make_states(policy=ScorePolicyConfig(rhythm_weight=0.0)), make_states()
+    beats(shape_only, range(premature + 1))
+    upto = beats(default, range(premature + 1))
+    window = ScorePolicyConfig().window  # the aggregate is the mean of the last `window` inputs
+    added = default.policy.snapshot((0, "b"))["value"] - shape_only.policy.snapshot((0, "b"))["value"]
+    assert added == pytest.approx(0.5 * sum(o.rhythm_score for o in upto[-window:]) / window)
+    assert added > 1
+    assert feed(make_states(), "fixed", errs[:5])[0].rhythm_score is None  # fixed windows have no rhythm

@@ -4,6 +4,7 @@ sweep equal to the beat-by-beat policy."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -155,3 +156,20 @@ def test_operating_point_meets_the_budget_on_its_streams_and_detects_clear_runs(
     assert report["detection_rate"] == row["detection_rate"] and report["per_beat_auroc"]["2"] > 0.95
     assert 0 < report["nab_standard"] <= 100
     assert plot_operating_curve(table, tmp_path / "curve.png", 1.0).stat().st_size > 0
+
+
+def test_the_policy_input_adds_the_rhythm_score_at_its_weight_and_a_regular_stream_has_none():
+    prior = Prior(math.log(0.1), 0.3, 0.3)
+    errors = np.exp(np.random.default_rng(0).normal(math.log(0.1), 0.1, 400))
+    regular = stream("N" * 400, errors=errors)  # one beat a second, as the ECG5000 streams
+    times = np.cumsum(0.8 * (1 + np.random.default_rng(1).normal(0, 0.02, 400)))
+    times[350:] -= 0.35  # beat 350 comes early
+    premature = Stream("p", errors, np.array(["N"] * 350 + ["S"] + ["N"] * 49), times, "N")
+    config = ScorePolicyConfig()
+    (flat,), _ = run_policy([regular], prior, policy=config)
+    (shape_only,), _ = run_policy([premature], prior, policy=replace(config, rhythm_weight=0.0))
+    (both,), _ = run_policy([premature], prior, policy=config)
+    (flat_shape,), _ = run_policy([regular], prior, policy=replace(config, rhythm_weight=0.0))
+    assert np.array_equal(flat.scores, flat_shape.scores)
+    added = both.scores - shape_only.scores
+    assert added[350] > 2 and np.argmax(added) == 350 and added.min() >= 0

@@ -207,9 +207,11 @@ def _pooled_summary(p: dict[str, Any]) -> str:
              f"{p['false_alerts']} false = {rate} per hour over {p['normal_hours']:.2f} h outside non-normal stretches",
              f"  runs detected by length (beats): {by_length}",
              "  runs detected by class: " + ", ".join(f"{k} {runs(v)}" for k, v in p["detection_by_class"].items())]
-    for cls, a in p["auroc_by_class"].items():
-        lines.append(f"  {cls} vs N per-beat AUROC over {a['recordings']} recordings with >= {p['min_class_beats']} "
-                     f"such beats: median {a['median']:.3f}, min {a['min']:.3f}, below 0.5 in {a['below_chance']}")
+    for what, key in (("error", "auroc_by_class"), ("policy input", "policy_input_auroc_by_class")):
+        for cls, a in p[key].items():
+            lines.append(f"  {cls} vs N per-beat AUROC of the {what} over {a['recordings']} recordings with >= "
+                         f"{p['min_class_beats']} such beats: median {a['median']:.3f}, min {a['min']:.3f}, "
+                         f"below 0.5 in {a['below_chance']}")
     return "\n".join(lines)
 
 

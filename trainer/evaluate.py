@@ -311,25 +311,34 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
 def pool_recordings(results: list[dict[str, Any]], min_class_beats: int = 10) -> dict[str, Any]:
     """Figures over several recordings (`evaluate_recording` results, one patient each): alert and run counts
     summed, false alerts per hour over the summed normal hours; per class, the spread of the per-recording
-    AUROC (over recordings with at least `min_class_beats` of that class), since patients are what varies."""
+    AUROC (over recordings with at least `min_class_beats` of that class), since patients are what varies: of
+    the raw errors, and of the alert policy's input (calibrated score + rhythm, after the warm-up)."""
     streams_ = [r["stream"] for r in results]
     counts = {k: sum(s[k] for s in streams_) for k in ("alerts", "false_alerts", "runs", "detected")}
     normal_hours = float(sum(s["normal_hours"] for s in streams_))
     aurocs: dict[str, list[float]] = {}
+    policy_aurocs: dict[str, list[float]] = {}  # of the policy's input: calibrated score (+ rhythm)
     for r in results:
         for cls, row in r["per_class"].items():
             if row["auroc_vs_normal"] is not None and row["n"] >= min_class_beats:
                 aurocs.setdefault(cls, []).append(row["auroc_vs_normal"])
+                if r["stream"]["per_beat_auroc"].get(cls) is not None:
+                    policy_aurocs.setdefault(cls, []).append(r["stream"]["per_beat_auroc"][cls])
     return {"recordings": len(results), "hours": sum(r["duration_s"] for r in results) / 3600,
             "beats": sum(r["beats"] for r in results), **counts, "normal_hours": normal_hours,
             "false_alerts_per_hour": counts["false_alerts"] / normal_hours if normal_hours else None,
             "detection_rate": counts["detected"] / counts["runs"] if counts["runs"] else None,
             "detection_by_class": _pooled_rates([s["detection_by_class"] for s in streams_]),
             "detection_by_length": _pooled_rates([s["detection_by_length"] for s in streams_]),
-            "auroc_by_class": {cls: {"recordings": len(v), "median": float(np.median(v)), "min": float(min(v)),
-                                     "below_chance": int(sum(a < 0.5 for a in v))}
-                               for cls, v in sorted(aurocs.items(), key=lambda kv: "NSVFQ".find(kv[0]))},
+            "auroc_by_class": _spread(aurocs), "policy_input_auroc_by_class": _spread(policy_aurocs),
             "min_class_beats": min_class_beats}
+
+
+def _spread(aurocs: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """Per class: over how many recordings, median, min and how many below chance."""
+    return {cls: {"recordings": len(v), "median": float(np.median(v)), "min": float(min(v)),
+                  "below_chance": int(sum(a < 0.5 for a in v))}
+            for cls, v in sorted(aurocs.items(), key=lambda kv: "NSVFQ".find(kv[0]))}
 
 
 def _pooled_rates(rows: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:

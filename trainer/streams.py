@@ -31,6 +31,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
+from monitor.stream import rhythm
 from monitor.stream.policy import FIRING, AlertPolicy, ScorePolicy, ScorePolicyConfig
 
 #: MIT-BIH beat annotation symbols -> AAMI EC57 classes (N normal, S supraventricular ectopic,
@@ -532,7 +533,16 @@ def plot_operating_curve(table: Sequence[dict[str, Any]], path: Path, budget_per
 
 def run_policy(streams: Sequence[Stream], prior: Prior, calibration: CalibrationConfig | None = None,
                policy: ScorePolicyConfig | None = None) -> tuple[list[Scored], list[np.ndarray]]:
-    """Calibrate each stream and apply the policy: (scored streams, firing beat indices)."""
-    calibrator = Calibrator(prior, calibration)
-    scored = [calibrate(s, calibrator) for s in streams]
-    return scored, [fired(s, policy or ScorePolicyConfig()) for s in scored]
+    """Calibrate each stream, add the rhythm score at the policy's weight (as the daemon does for beat
+    windows; ECG5000 streams, one beat a second, have none) and apply the policy: (scored streams, firing
+    beat indices)."""
+    calibrator, config = Calibrator(prior, calibration), policy or ScorePolicyConfig()
+    scored = [with_rhythm(calibrate(s, calibrator), config.rhythm_weight) for s in streams]
+    return scored, [fired(s, config) for s in scored]
+
+
+def with_rhythm(scored: Scored, weight: float) -> Scored:
+    """The policy's input: calibrated scores + weight x the rhythm score of each beat (monitor.stream.rhythm)."""
+    if weight == 0 or len(scored.scores) == 0:
+        return scored
+    return replace(scored, scores=scored.scores + weight * rhythm.score_times(scored.stream.times_s))

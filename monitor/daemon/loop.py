@@ -298,7 +298,8 @@ class Monitor:
 
     def _calibrate_and_alert(self, window: Window, error: float, flag: bool, bad: str | None, now: float) -> None:
         """Per-sensor calibration (`bad`: the window's signal-quality problem) -> policy -> score record and alerts."""
-        outcome = self.states.apply(window.key, window.start_seq, window.last_offset, error, bad is None)
+        r_peak_s = window.r_peak_seq / window.fs if isinstance(window, BeatWindow) else None
+        outcome = self.states.apply(window.key, window.start_seq, window.last_offset, error, bad is None, r_peak_s)
         if outcome is None:  # the restored state already reflects this window: its outputs were delivered
             return
         if bad is not None:
@@ -310,7 +311,8 @@ class Monitor:
                                  **beat_fields(window),
                                  calibrated_score=_finite(outcome.calibrated.score),
                                  calibration=cast(Literal["calibrating", "calibrated"], outcome.phase),
-                                 calibrated_threshold=_finite(outcome.calibrated_threshold), quality=bad)
+                                 calibrated_threshold=_finite(outcome.calibrated_threshold), quality=bad,
+                                 rhythm_score=outcome.rhythm_score)
             self.outbox.send(self.settings.scores_topic, window.sensor_id.encode(), record.to_bytes())
             self.metrics.scores_published.inc()
         for state in outcome.transitions:
@@ -321,7 +323,8 @@ class Monitor:
                                 threshold=self.threshold, model_version=self.scorer.model_version, detected_at=now,
                                 **beat_fields(window),
                                 calibrated_score=_finite(outcome.calibrated.score),
-                                calibrated_threshold=_finite(outcome.calibrated_threshold), quality=bad)
+                                calibrated_threshold=_finite(outcome.calibrated_threshold), quality=bad,
+                                rhythm_score=outcome.rhythm_score)
             self.outbox.send(self.settings.alerts_topic, window.sensor_id.encode(), alert.to_bytes())
             self.metrics.alerts.labels(state=state).inc()
             log.info("alert", extra={"alert_id": alert.alert_id, "state": state, "score": round(error, 5),

@@ -74,6 +74,8 @@ class MonitorSettings(BaseSettings):
     alert_resolve_level: float | None = Field(None, ge=0, description="Resolve when the aggregate stays below this")
     alert_resolve_beats: int | None = Field(None, ge=1, description="... for this many beats")
     alert_gross_beats: int | None = Field(None, ge=1, description="Consecutive gross beats that fire at any time")
+    alert_rhythm_weight: float | None = Field(None, ge=0, description="Beat models: weight of the rhythm "
+                                              "(prematurity) score added to the calibrated score; 0 = shape only")
     calibration_warmup_beats: int | None = Field(None, ge=3, description="Beats a new sensor calibrates on; "
                                                                          "empty = 150")
     quality_gating: bool = Field(True, description="Check each window's signal quality; bad ones raise no "

@@ -39,7 +39,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -52,6 +52,7 @@ from monitor.daemon.settings import MonitorSettings
 from monitor.stream.calibration import (CALIBRATED, CALIBRATING, Calibrated, CalibrationConfig, CalibrationState,
                                         Calibrator, Prior)
 from monitor.stream.policy import ScorePolicy, ScorePolicyConfig
+from monitor.stream.rhythm import Rhythm, RhythmState
 from monitor.stream.windowing import Partial, SensorKey
 
 log = logging.getLogger("monitor.daemon.state_store")
@@ -73,6 +74,7 @@ class _Sensor:
     offset: int  # highest completing offset among the windows applied
     last_seen: float
     partial: Partial | None = None  # the partial window it held when the windower evicted it
+    rhythm: RhythmState = field(default_factory=RhythmState)  # beat sensors: its R-R intervals (monitor.stream.rhythm)
 
 
 class Outcome(NamedTuple):
@@ -82,14 +84,16 @@ class Outcome(NamedTuple):
     transitions: list[str]
     phase: str  # "calibrating" or "calibrated" after this window
     calibrated_threshold: float  # the raw error at which this sensor's score reaches the fire level
+    rhythm_score: float | None = None  # beat windows: how premature the beat was (None for fixed windows)
 
 
 class SensorStates:
     def __init__(self, calibrator: Calibrator, policy: ScorePolicy, model_version: str, *,
                  idle_timeout_s: float = 86_400.0, max_sensors: int = 200_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, rhythm: Rhythm | None = None) -> None:
         self.calibrator = calibrator
         self.policy = policy
+        self.rhythm = rhythm or Rhythm()
         self.model_version = model_version
         self.idle_timeout_s = idle_timeout_s
         self.max_sensors = max_sensors
@@ -103,9 +107,11 @@ class SensorStates:
 
     # -- scoring ---------------------------------------------------------------------------------
 
-    def apply(self, key: SensorKey, start_seq: int, offset: int, error: float, good_quality: bool) -> Outcome | None:
-        """Calibrate and run the policy on one window; None when the state already reflects it
-        (a replay after a crash between the changelog's flush and the commit)."""
+    def apply(self, key: SensorKey, start_seq: int, offset: int, error: float, good_quality: bool,
+              r_peak_s: float | None = None) -> Outcome | None:
+        """Calibrate and run the policy on one window (a beat window: with its R peak in seconds of the
+        sensor's stream, for the rhythm score); None when the state already reflects it (a replay after a
+        crash between the changelog's flush and the commit)."""
         sensor = self._sensors.get(key)
         if sensor is not None and start_seq <= sensor.seq and offset <= sensor.offset:
             return None
@@ -118,11 +124,13 @@ class SensorStates:
             # elsewhere, a reset or a gap, and the windower started afresh): either way it is not needed again.
             sensor.partial = None
         calibrated = self.calibrator.update(sensor.calibration, error, good_quality)
-        transitions = self.policy.observe(key, calibrated.score, calibrating=calibrated.calibrating,
+        rhythm = None if r_peak_s is None else self.rhythm.update(sensor.rhythm, r_peak_s, good_quality)
+        score = calibrated.score + self.policy.config.rhythm_weight * (rhythm or 0.0)
+        transitions = self.policy.observe(key, score, calibrating=calibrated.calibrating,
                                           gross=calibrated.gross, good_quality=good_quality)
         self._dirty.add(key)
         return Outcome(calibrated, transitions, self.calibrator.phase(sensor.calibration),
-                       self.calibrator.threshold_error(sensor.calibration, self.policy.config.fire_level))
+                       self.calibrator.threshold_error(sensor.calibration, self.policy.config.fire_level), rhythm)
 
     def _add(self, key: SensorKey, seq: int, offset: int) -> _Sensor:
         sensor = self._sensors[key] = _Sensor(self.calibrator.new_state(), seq, offset, self.clock())
@@ -180,6 +188,8 @@ class SensorStates:
         data = {"format": STATE_FORMAT, "model_version": self.model_version, "seq": sensor.seq,
                 "offset": sensor.offset, "calibration": sensor.calibration.to_dict(),
                 "policy": self.policy.snapshot(key)}
+        if sensor.rhythm.last_r is not None:  # beat sensors only
+            data["rhythm"] = sensor.rhythm.to_dict()
         if sensor.partial is not None:  # float32 bytes, so the restored window is bit for bit the same
             data["partial"] = {"seq": sensor.partial.start_seq,
                                "values": base64.b64encode(sensor.partial.values.astype("<f4").tobytes()).decode()}
@@ -209,7 +219,7 @@ class SensorStates:
             if not (math.isfinite(calibration.location) and math.isfinite(calibration.scale)):
                 return False
             sensor = _Sensor(calibration, int(data["seq"]), int(data["offset"]), self.clock(),
-                             _partial_of(data.get("partial")))
+                             _partial_of(data.get("partial")), RhythmState.from_dict(data.get("rhythm", {})))
             if data.get("policy") is not None:
                 self.policy.restore(key, data["policy"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # (binascii.Error is a ValueError)
@@ -282,7 +292,8 @@ def policy_config(scorer: Scorer, settings: MonitorSettings) -> ScorePolicyConfi
     fields = set(ScorePolicyConfig.__dataclass_fields__)
     values: dict[str, Any] = {k: v for k, v in stored.items() if k in fields} if isinstance(stored, Mapping) else {}
     overrides = {"fire_level": settings.alert_fire_level, "resolve_level": settings.alert_resolve_level,
-                 "resolve_beats": settings.alert_resolve_beats, "gross_beats": settings.alert_gross_beats}
+                 "resolve_beats": settings.alert_resolve_beats, "gross_beats": settings.alert_gross_beats,
+                 "rhythm_weight": settings.alert_rhythm_weight}
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("resolve_level", 0.0) > values.get("fire_level", ScorePolicyConfig.fire_level):
         values["resolve_level"] = values.get("fire_level", ScorePolicyConfig.fire_level) / 2  # keep hysteresis valid

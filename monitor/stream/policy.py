@@ -172,6 +172,9 @@ class ScorePolicyConfig:
     quality_window: int = 10  # beats over which bad signal quality is counted
     quality_bad_beats: int = 5  # bad beats among them that raise a signal_quality alert
     quality_interval_beats: int = 300  # at most one signal_quality alert per this many beats
+    #: a beat's input is its calibrated shape score + rhythm_weight x its rhythm score (monitor.stream.rhythm;
+    #: beat windows only, 0 for fixed windows); 0 scores shape alone
+    rhythm_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.aggregate not in AGGREGATES:
@@ -179,7 +182,7 @@ class ScorePolicyConfig:
         if self.resolve_level > self.fire_level:
             raise ValueError(f"resolve_level {self.resolve_level} > fire_level {self.fire_level}")
         if min(self.window, self.resolve_beats, self.gross_beats, self.quality_bad_beats) < 1 \
-                or self.quality_bad_beats > self.quality_window or not 0 < self.alpha <= 1:
+                or self.quality_bad_beats > self.quality_window or not 0 < self.alpha <= 1 or self.rhythm_weight < 0:
             raise ValueError(f"invalid policy config {self}")
 
 

@@ -145,6 +145,8 @@ class AlertRecord(BaseModel):
     calibrated_score: float | None = None
     calibrated_threshold: float | None = None
     quality: str | None = None  # the window's signal-quality problem, if any
+    # Beat windows: how premature the beat came (monitor.stream.rhythm; the policy adds rhythm_weight x it)
+    rhythm_score: float | None = None
 
     @staticmethod
     def make_id(sensor_id: str, window_start_seq: int, state: str, partition: int, offset: int) -> str:
@@ -178,6 +180,7 @@ class ScoreRecord(BaseModel):
     calibration: Literal["calibrating", "calibrated"] | None = None
     calibrated_threshold: float | None = None  # error at which the calibrated score reaches the fire level
     quality: str | None = None  # lead_off, flat, saturation or noise when the signal is bad
+    rhythm_score: float | None = None  # beat windows: as in AlertRecord
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
