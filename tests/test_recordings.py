@@ -185,6 +185,8 @@ def test_evaluate_on_a_database_pools_the_patients_figures(fitted, excerpt, tmp_
     assert sum(v["runs"] for v in pooled["detection_by_length"].values()) == pooled["runs"] > 0
     assert set(pooled["detection_by_length"]) <= {"1", "2", "3+"}
     assert set(pooled["policy_input_auroc_by_class"]) <= set(pooled["auroc_by_class"])
+    assert pooled["runs_3plus"]["runs"] == sum(s["runs_3plus"]["runs"] for s in streams)
+    assert pooled["runs_3plus"]["alerting"] <= pooled["runs_3plus"]["runs"]
     assert pooled["detection_by_class"]["S"]["runs"] == 2 * streams[0]["detection_by_class"]["S"]["runs"]
     main(["evaluate", "--model", str(model), "--data", str(tmp_path)])
     assert "all 2 recordings" in capsys.readouterr().out

@@ -11,9 +11,10 @@ import pytest
 
 from monitor.stream.calibration import CalibrationConfig, Prior
 from monitor.stream.policy import FIRING, ScorePolicyConfig
-from trainer.streams import (Scored, Stream, annotated_stream, choose_operating_point, combine, ecg5000_streams,
-                             event_stats, evaluate, fired, legacy_fired, nab_raw, nab_score, nab_sigmoid,
-                             nab_windows, per_class_auroc, plot_operating_curve, policy_alerts, run_policy)
+from trainer.streams import (Scored, Stream, alerted_runs, annotated_stream, choose_operating_point, combine,
+                             ecg5000_streams, event_stats, evaluate, fired, legacy_fired, nab_raw, nab_score,
+                             nab_sigmoid, nab_windows, open_alert, per_class_auroc, plot_operating_curve,
+                             policy_alerts, run_policy)
 
 
 def stream(labels: str, normal: str = "N", period: float = 1.0, errors=None) -> Stream:
@@ -173,3 +174,16 @@ def test_the_policy_input_adds_the_rhythm_score_at_its_weight_and_a_regular_stre
     assert np.array_equal(flat.scores, flat_shape.scores)
     added = both.scores - shape_only.scores
     assert added[350] > 2 and np.argmax(added) == 350 and added.min() >= 0
+
+
+def test_a_run_inside_an_alert_already_open_counts_as_alerting_though_not_as_detected():
+    labels = "NNNNNVVVNNNNNNNNVVVNNNNNNNNNNNNVVVNNNNN"  # runs at 5-7, 16-18 and 31-33
+    scores = np.zeros(len(labels))
+    scores[5:19] = 10.0  # fires at 5, stays open through the second run, resolves after it
+    config = ScorePolicyConfig(window=1, fire_level=3.0, resolve_level=1.0, resolve_beats=2)
+    s = scored(labels, scores)
+    is_open = open_alert(s, config)
+    assert np.flatnonzero(is_open).tolist() == list(range(5, 20))  # resolved at beat 20: 2 low beats after 18
+    assert alerted_runs(s.stream, is_open) == (3, 2)
+    assert alerted_runs(s.stream, is_open, warmup_beats=10) == (2, 1)
+    assert event_stats(s.stream, fired(s, config)).detected == 1  # fired only within the first run

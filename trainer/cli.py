@@ -193,7 +193,8 @@ def _recording_summary(r: dict[str, Any]) -> str:
     lines.append(f"  alert policy ({st['policy']['aggregate']} over {st['policy']['fire_level']:.3f}): "
                  f"{st['alerts']} alerts, {st['false_alerts']} false = {f(st['false_alerts_per_hour'])} per hour "
                  f"over {st['normal_hours']:.2f} h outside non-normal stretches; "
-                 f"runs detected {st['detected']}/{st['runs']}")
+                 f"runs detected {st['detected']}/{st['runs']}; runs of 3+ beats with an alert open "
+                 f"{st['runs_3plus']['alerting']}/{st['runs_3plus']['runs']}")
     return "\n".join(lines)
 
 
@@ -205,7 +206,8 @@ def _pooled_summary(p: dict[str, Any]) -> str:
     by_length = ", ".join(f"{k}: {runs(v)}" for k, v in p["detection_by_length"].items())
     lines = [f"all {p['recordings']} recordings ({p['hours']:.1f} h, {p['beats']} beats): {p['alerts']} alerts, "
              f"{p['false_alerts']} false = {rate} per hour over {p['normal_hours']:.2f} h outside non-normal stretches",
-             f"  runs detected by length (beats): {by_length}",
+             f"  runs detected by length (beats): {by_length}; runs of 3+ beats with an alert open at one of "
+             f"their beats: {p['runs_3plus']['alerting']}/{p['runs_3plus']['runs']}",
              "  runs detected by class: " + ", ".join(f"{k} {runs(v)}" for k, v in p["detection_by_class"].items())]
     for what, key in (("error", "auroc_by_class"), ("policy input", "policy_input_auroc_by_class")):
         for cls, a in p[key].items():

@@ -298,13 +298,16 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
     warmup = CalibrationConfig().warmup_beats
     scored, alerts = streams.run_policy([stream], prior, policy=policy or ScorePolicyConfig())
     stream_metrics = streams.evaluate(scored, alerts, warmup_beats=warmup)
+    long_runs, alerting = streams.alerted_runs(stream, streams.open_alert(scored[0], policy or ScorePolicyConfig()),
+                                               warmup_beats=warmup)
     return {"recording": rec.name, "fs": rec.fs, "duration_s": rec.duration_s, "beats": int(len(labels)),
             "unmatched_beats": int((labels == UNMATCHED).sum()), "polarity": int(cut.polarity),
             "threshold": float(scorer.threshold), "per_class": per_class,
             "rpeaks": rpeak_accuracy(cut) if rec.annotations is not None else None,
             "heart_rate_bpm": {"median": float(60 / np.median(cut.beats.rr_s))} if len(cut.beats) else None,
             "stream": {"policy": asdict(policy or ScorePolicyConfig()), "warmup_beats": warmup,
-                       "alerts": int(len(alerts[0])), **_json_row(stream_metrics)},
+                       "alerts": int(len(alerts[0])), **_json_row(stream_metrics),
+                       "runs_3plus": {"runs": long_runs, "alerting": alerting}},
             "errors": {"normal": error_stats(errors[normal]), "other": error_stats(errors[~normal])}}
 
 
@@ -315,6 +318,7 @@ def pool_recordings(results: list[dict[str, Any]], min_class_beats: int = 10) ->
     the raw errors, and of the alert policy's input (calibrated score + rhythm, after the warm-up)."""
     streams_ = [r["stream"] for r in results]
     counts = {k: sum(s[k] for s in streams_) for k in ("alerts", "false_alerts", "runs", "detected")}
+    long_runs = {k: sum(s["runs_3plus"][k] for s in streams_) for k in ("runs", "alerting")}
     normal_hours = float(sum(s["normal_hours"] for s in streams_))
     aurocs: dict[str, list[float]] = {}
     policy_aurocs: dict[str, list[float]] = {}  # of the policy's input: calibrated score (+ rhythm)
@@ -330,6 +334,7 @@ def pool_recordings(results: list[dict[str, Any]], min_class_beats: int = 10) ->
             "detection_rate": counts["detected"] / counts["runs"] if counts["runs"] else None,
             "detection_by_class": _pooled_rates([s["detection_by_class"] for s in streams_]),
             "detection_by_length": _pooled_rates([s["detection_by_length"] for s in streams_]),
+            "runs_3plus": long_runs,
             "auroc_by_class": _spread(aurocs), "policy_input_auroc_by_class": _spread(policy_aurocs),
             "min_class_beats": min_class_beats}
 

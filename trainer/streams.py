@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
 from monitor.stream import rhythm
-from monitor.stream.policy import FIRING, AlertPolicy, ScorePolicy, ScorePolicyConfig
+from monitor.stream.policy import FIRING, RESOLVED, AlertPolicy, ScorePolicy, ScorePolicyConfig
 
 #: MIT-BIH beat annotation symbols -> AAMI EC57 classes (N normal, S supraventricular ectopic,
 #: V ventricular ectopic, F fusion, Q unknown/paced).
@@ -148,6 +148,30 @@ def policy_alerts(scored: Scored, config: ScorePolicyConfig) -> list[tuple[int, 
         ok = True if good is None else bool(good[i])
         out += [(i, t) for t in policy.observe(key, score, calibrating=cal, gross=gross, good_quality=ok)]
     return out
+
+
+def open_alert(scored: Scored, config: ScorePolicyConfig) -> np.ndarray:
+    """Per beat, whether an anomaly alert is open at it: from the beat that fires it up to the one before the
+    beat that resolves it (`policy_alerts`, beat by beat)."""
+    is_open = np.zeros(len(scored.scores), dtype=bool)
+    since: int | None = None
+    for i, transition in policy_alerts(scored, config):
+        if transition == FIRING:
+            since = i
+        elif transition == RESOLVED and since is not None:
+            is_open[since:i], since = True, None
+    if since is not None:
+        is_open[since:] = True
+    return is_open
+
+
+def alerted_runs(stream: Stream, is_open: np.ndarray, min_length: int = 3, warmup_beats: int = 0
+                 ) -> tuple[int, int]:
+    """(runs of at least `min_length` non-normal beats starting after the warm-up, how many have an anomaly
+    alert open at one of their beats). Unlike `event_stats`' detection, a run inside an alert that is already
+    open counts: what a clinician watching the sensor sees."""
+    runs = [(a, b) for a, b in stream.runs if b - a >= min_length and a >= warmup_beats]
+    return len(runs), sum(bool(is_open[a:b].any()) for a, b in runs)
 
 
 def fired(scored: Scored, config: ScorePolicyConfig) -> np.ndarray:
