@@ -90,10 +90,10 @@ class Outcome(NamedTuple):
 class SensorStates:
     def __init__(self, calibrator: Calibrator, policy: ScorePolicy, model_version: str, *,
                  idle_timeout_s: float = 86_400.0, max_sensors: int = 200_000,
-                 clock: Callable[[], float] = time.monotonic, rhythm: Rhythm | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.calibrator = calibrator
         self.policy = policy
-        self.rhythm = rhythm or Rhythm()
+        self.rhythm = Rhythm()  # beat sensors' prematurity (the policy weighs it: rhythm_weight)
         self.model_version = model_version
         self.idle_timeout_s = idle_timeout_s
         self.max_sensors = max_sensors
