@@ -14,8 +14,9 @@ from kafka import KafkaConsumer
 
 from monitor.cli import main as cli_main
 from monitor.tools.replay import (BEAT_LENGTH, NORMAL_CLASS, build_ecg_streams, load_beat_pool, load_record_streams,
-                                  load_signal_streams, replay, resolve_rate)
+                                  load_signal_streams, replay, resolve_rate, whole_beats)
 from monitor.stream.wire import InputRecord, decode_input
+from trainer import recordings
 
 
 @pytest.fixture(scope="module")
@@ -186,16 +187,31 @@ RECORD_100 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "m
 def test_a_wfdb_record_streams_at_its_own_rate_with_each_sensor_starting_elsewhere():
     streams = load_record_streams(RECORD_100, sensors=4, lead="V5")
     signal = wfdb.rdrecord(str(RECORD_100.with_suffix("")), channel_names=["V5"]).p_signal[:, 0]
+    beats = recordings.read(RECORD_100)[0].annotations.samples
+    lo, hi = beats[0] - 36, beats[-1] - 36  # whole beats: 0.1 s before the first R peak to as far before the last
+    signal = signal[lo:hi]
     n = len(signal)
     assert all(s.fs == 360.0 and len(s) == n for s in streams)
     for i, stream in enumerate(streams):
         start = i * (n // 4)
         assert np.array_equal(stream.values[: n - start], signal[start:])  # then it wraps round to the start
     # record 100's one ventricular beat (sample 546792) and its 33 atrial premature beats are the ground truth
-    assert any(lo <= 546792 < hi for lo, hi in streams[0].anomalous_ranges)
+    assert any(l0 <= 546792 - lo < h0 for l0, h0 in streams[0].anomalous_ranges)
     assert len(streams[0].anomalous_ranges) == 34  # 34 non-normal beats, none adjacent
     with pytest.raises(ValueError, match=r"RECORD\.hea"):
         load_record_streams(RECORD_100.with_suffix(".dat"))
+
+
+@pytest.mark.skipif(not RECORD_100.is_file(), reason="MIT-BIH record 100 not available")
+def test_a_record_replayed_in_a_loop_joins_its_end_to_its_start_with_a_real_rr_interval():
+    """No made-up beat where a sensor wraps round: the interval across the join is the record's last one."""
+    record = recordings.read(RECORD_100)[0]
+    looped = whole_beats(record)
+    beats, fs = record.annotations.samples, record.fs
+    assert looped.annotations.samples[0] == round(0.1 * fs) and len(looped.annotations.samples) == len(beats) - 1
+    across = len(looped.signal) - looped.annotations.samples[-1] + looped.annotations.samples[0]
+    assert across == beats[-1] - beats[-2]
+    assert np.array_equal(looped.signal, record.signal[beats[0] - round(0.1 * fs):beats[-1] - round(0.1 * fs)])
 
 
 @pytest.mark.kafka
@@ -211,13 +227,14 @@ def test_cli_replays_a_wfdb_record_with_records_of_the_requested_duration(broker
     records = [decode_input(m.key, m.value) for m in consume(broker.bootstrap, topic, sent)]
     assert len(records) == sent >= 3 * 10
     signal = wfdb.rdrecord(str(RECORD_100.with_suffix("")), channels=[0]).p_signal[:, 0]
+    first_beat = recordings.read(RECORD_100)[0].annotations.samples[0]  # the replay starts 0.1 s before it
     grouped = by_sensor(records)
     assert sorted(grouped) == ["patient-0000", "patient-0001", "patient-0002"]
     for i, mine in enumerate(grouped.values()):
         assert [r.seq for r in mine] == list(range(0, 36 * len(mine), 36))  # 100 ms at 360 Hz
         assert all(r.fs == 360.0 and len(r.values) == 36 and before <= r.ts <= time.time() for r in mine)
         values = np.concatenate([r.values for r in mine])
-        start = i * 60 * 360  # sensor i starts i minutes into the record
+        start = first_beat - 36 + i * 60 * 360  # sensor i starts i minutes into the record's whole beats
         assert np.allclose(values, signal[start:start + len(values)])
 
 

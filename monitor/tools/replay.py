@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -268,15 +268,16 @@ def load_record_streams(path: str | os.PathLike, sensors: int = 1, lead: str | N
     """One stream per sensor from a WFDB record's lead (default: the first), at the record's fs, seq from 0.
 
     Sensor i starts `i * offset_s` seconds into the record (default: the record's length / sensors) and wraps
-    round to its start, so every sensor plays the whole record once. Ground truth: the seq ranges of runs of
-    non-normal reference beats (AAMI classes from the `.atr`), from 100 ms before a run's first R peak to the
-    next normal R peak, when the record has annotations."""
+    round to its start, so every sensor plays the whole record once (an annotated record trimmed to whole
+    beats first: `whole_beats`). Ground truth: the seq ranges of runs of non-normal reference beats (AAMI
+    classes from the `.atr`), from 100 ms before a run's first R peak to the next normal R peak, when the
+    record has annotations."""
     # lazy: wfdb and scipy.signal take seconds to import, and only a WFDB source needs them
     from trainer import recordings
 
     if Path(path).suffix.lower() != ".hea":
         raise ValueError(f"{path}: a WFDB record is given by its header file (RECORD.hea)")
-    (record,) = recordings.read(Path(path), lead=lead)
+    record = whole_beats(recordings.read(Path(path), lead=lead)[0])
     n = len(record.signal)
     step = n // sensors if offset_s is None else int(round(offset_s * record.fs))
     streams = []
@@ -285,6 +286,21 @@ def load_record_streams(path: str | os.PathLike, sensors: int = 1, lead: str | N
         streams.append(SensorStream(sensor_id=sensor_id, values=np.roll(record.signal, -start), fs=record.fs,
                                     anomalous_ranges=_annotated_runs(record, start)))
     return streams
+
+
+def whole_beats(record: Recording, lead_in_s: float = 0.1) -> Recording:
+    """An annotated recording from `lead_in_s` before its first R peak to as far before its last one, so that
+    replayed in a loop its end joins its start where a beat begins: the interval across the join is the
+    record's last R-R interval. Joined at an arbitrary sample, every stream that wrapped round got one beat of
+    made-up timing and shape, which the rhythm score rightly alerted on. Unchanged without annotations."""
+    ann = record.annotations
+    if ann is None or len(ann.samples) < 2:
+        return record
+    lead_in = int(round(lead_in_s * record.fs))
+    lo, hi = max(0, int(ann.samples[0]) - lead_in), int(ann.samples[-1]) - lead_in
+    kept = (ann.samples >= lo) & (ann.samples < hi)
+    return replace(record, signal=record.signal[lo:hi],
+                   annotations=replace(ann, samples=ann.samples[kept] - lo, classes=ann.classes[kept]))
 
 
 def _annotated_runs(record: Recording, start: int) -> tuple[tuple[int, int], ...]:
