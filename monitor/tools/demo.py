@@ -43,7 +43,7 @@ from monitor.stream.wire import AlertRecord
 from monitor.tools.broker import BrokerUnavailable, EmbeddedBroker, free_port, tansu_binary
 from monitor.tools.harness import DaemonError, DaemonProcess, Metrics, monitor_env
 from monitor.tools.replay import (BEAT_LENGTH, ECG_FS, SensorStream, build_ecg_streams, ensure_data, load_beat_pool,
-                                  load_record_streams, parse_rate, replay, whole_beats)
+                                  parse_rate, record_streams, replay, whole_beats)
 from trainer.data import default_cache_dir
 from trainer.split import recorded_split
 
@@ -396,7 +396,7 @@ class RecordDemo:
         from trainer import recordings  # lazy: wfdb and scipy.signal take seconds to import
 
         recording = whole_beats(recordings.read(Path(args.source), lead=args.lead)[0])  # as the streams play it
-        full = load_record_streams(args.source, sensors=args.sensors, lead=args.lead)
+        full = record_streams(recording, sensors=args.sensors)
         n = min(len(recording.signal), max(1, int(args.duration * recording.fs)))
         streams = [SensorStream(s.sensor_id, s.values[:n], s.fs, tuple(r for r in s.anomalous_ranges if r[1] <= n))
                    for s in full]

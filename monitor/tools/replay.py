@@ -265,19 +265,25 @@ def _read_channels(path: Path) -> list[np.ndarray]:
 
 def load_record_streams(path: str | os.PathLike, sensors: int = 1, lead: str | None = None,
                         prefix: str = "patient-", offset_s: float | None = None) -> list[SensorStream]:
-    """One stream per sensor from a WFDB record's lead (default: the first), at the record's fs, seq from 0.
-
-    Sensor i starts `i * offset_s` seconds into the record (default: the record's length / sensors) and wraps
-    round to its start, so every sensor plays the whole record once (an annotated record trimmed to whole
-    beats first: `whole_beats`). Ground truth: the seq ranges of runs of non-normal reference beats (AAMI
-    classes from the `.atr`), from 100 ms before a run's first R peak to the next normal R peak, when the
-    record has annotations."""
+    """One stream per sensor from a WFDB record's lead (default: the first): `record_streams` of the record
+    trimmed to whole beats (`whole_beats`)."""
     # lazy: wfdb and scipy.signal take seconds to import, and only a WFDB source needs them
     from trainer import recordings
 
     if Path(path).suffix.lower() != ".hea":
         raise ValueError(f"{path}: a WFDB record is given by its header file (RECORD.hea)")
     record = whole_beats(recordings.read(Path(path), lead=lead)[0])
+    return record_streams(record, sensors, prefix, offset_s)
+
+
+def record_streams(record: Recording, sensors: int = 1, prefix: str = "patient-",
+                   offset_s: float | None = None) -> list[SensorStream]:
+    """One stream per sensor from a recording, at its fs, seq from 0.
+
+    Sensor i starts `i * offset_s` seconds into the record (default: the record's length / sensors) and wraps
+    round to its start, so every sensor plays the whole record once. Ground truth: the seq ranges of runs of
+    non-normal reference beats (AAMI classes from the `.atr`), from 100 ms before a run's first R peak to the
+    next normal R peak, when the record has annotations."""
     n = len(record.signal)
     step = n // sensors if offset_s is None else int(round(offset_s * record.fs))
     streams = []
