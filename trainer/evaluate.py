@@ -295,17 +295,16 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
         per_class[cls] = {"name": AAMI_NAMES.get(cls, cls), "n": int(rows.sum()), "flagged": int(flagged[rows].sum()),
                           "rate": float(flagged[rows].mean()), "auroc_vs_normal": auroc}
     stream = streams.annotated_stream(rec.name, errors, cut.beats.r_peak / rec.fs, labels.tolist())
-    warmup = CalibrationConfig().warmup_beats
-    scored, alerts = streams.run_policy([stream], prior, policy=policy or ScorePolicyConfig())
+    warmup, policy = CalibrationConfig().warmup_beats, policy or ScorePolicyConfig()
+    scored, alerts = streams.run_policy([stream], prior, policy=policy)
     stream_metrics = streams.evaluate(scored, alerts, warmup_beats=warmup)
-    long_runs, alerting = streams.alerted_runs(stream, streams.open_alert(scored[0], policy or ScorePolicyConfig()),
-                                               warmup_beats=warmup)
+    long_runs, alerting = streams.alerted_runs(stream, streams.open_alert(scored[0], policy), warmup_beats=warmup)
     return {"recording": rec.name, "fs": rec.fs, "duration_s": rec.duration_s, "beats": int(len(labels)),
             "unmatched_beats": int((labels == UNMATCHED).sum()), "polarity": int(cut.polarity),
             "threshold": float(scorer.threshold), "per_class": per_class,
             "rpeaks": rpeak_accuracy(cut) if rec.annotations is not None else None,
             "heart_rate_bpm": {"median": float(60 / np.median(cut.beats.rr_s))} if len(cut.beats) else None,
-            "stream": {"policy": asdict(policy or ScorePolicyConfig()), "warmup_beats": warmup,
+            "stream": {"policy": asdict(policy), "warmup_beats": warmup,
                        "alerts": int(len(alerts[0])), **_json_row(stream_metrics),
                        "runs_3plus": {"runs": long_runs, "alerting": alerting}},
             "errors": {"normal": error_stats(errors[normal]), "other": error_stats(errors[~normal])}}

@@ -1,13 +1,13 @@
-"""Per-sensor state (calibration + alert policy) and its changelog topic, like a Kafka Streams
+"""Per-sensor state (calibration, rhythm, alert policy) and its changelog topic, like a Kafka Streams
 state store.
 
 `SensorStates` holds, for every sensor of the assigned partitions, its calibration state
-(monitor.stream.calibration), its policy state (monitor.stream.policy.ScorePolicy) and a replay
-marker: the start seq of the last window applied and the highest input offset among the windows
-applied. Each batch's changed sensors are written to a compacted changelog topic, keyed by sensor
-id and on the *same partition number* as their input records, so the owner of input partition p
-restores its sensors by reading changelog partition p to the end (`ChangelogReader`), never a
-local file.
+(monitor.stream.calibration), for a beat sensor its rhythm (monitor.stream.rhythm), its policy state
+(monitor.stream.policy.ScorePolicy) and a replay marker: the start seq of the last window applied
+and the highest input offset among the windows applied. Each batch's changed sensors are written
+to a compacted changelog topic, keyed by sensor id and on the *same partition number* as their
+input records, so the owner of input partition p restores its sensors by reading changelog
+partition p to the end (`ChangelogReader`), never a local file.
 
 Delivery (see `Monitor._flush`): the changelog records of a batch are produced only after a flush
 acknowledged the batch's alerts and scores, and the input offsets are committed only after a
