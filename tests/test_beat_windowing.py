@@ -91,6 +91,18 @@ def test_an_inverted_lead_gives_the_same_beats(signal) -> None:
         np.testing.assert_allclose(a.values, b.values, atol=1e-5)
 
 
+def test_each_beat_also_comes_the_way_up_its_lead_records_it(signal) -> None:
+    """The model sees every beat with the convention's QRS sign; the sensor's own template compares them the way
+    the lead records them, so a lead and its inverse give opposite recorded beats (record 100's MLII QRS is
+    positive, the convention's negative: its beats are flipped)."""
+    upright = feed(new_windower(), records(signal, 360))
+    inverted = feed(new_windower(), records(-signal, 360))
+    assert all(w.flipped for w in upright) and not any(w.flipped for w in inverted)
+    for a, b in zip(inverted, upright, strict=True):
+        np.testing.assert_allclose(a.recorded_values, -b.recorded_values, atol=1e-5)
+        assert b.recorded_values[:10].max() > 2  # the recorded R peak, near the window's start, is upward
+
+
 @pytest.mark.parametrize("cut", [0.3, 0.55, 0.8])
 def test_a_restart_from_the_commit_recreates_every_later_beat(signal, cut: float) -> None:
     """Commit what the windower still needs (all beats emitted so far published), restart there: every beat the

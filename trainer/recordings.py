@@ -193,7 +193,8 @@ def stream_beats(recording: Recording, convention: BeatConvention) -> Beats:
                  r_peak=np.asarray([w.r_peak_seq for w in windows], dtype=np.int64),
                  start=np.asarray([w.start_seq for w in windows], dtype=np.int64),
                  end=np.asarray([w.span_end for w in windows], dtype=np.int64),
-                 rr_s=np.asarray([w.rr_s for w in windows], dtype=np.float64))
+                 rr_s=np.asarray([w.rr_s for w in windows], dtype=np.float64),
+                 flipped=np.asarray([w.flipped for w in windows], dtype=bool))
 
 
 def cut(recording: Recording, convention: BeatConvention) -> RecordingBeats:

@@ -80,10 +80,16 @@ class BeatWindow(Window):
     rr_s: float
     fs: float
     raw: np.ndarray
+    flipped: bool = False  # values negated to the convention's QRS sign (see `recorded_values`)
 
     @property
     def end_seq(self) -> int:
         return self.span_end
+
+    @property
+    def recorded_values(self) -> np.ndarray:
+        """The beat the way up its lead records it: what the sensor's template compares (monitor.stream.template)."""
+        return -self.values if self.flipped else self.values
 
 
 @dataclass
@@ -245,8 +251,10 @@ class BeatWindower(SensorTable[_Sensor, Window]):
         self.stats.beats += 1
         start, end = int(beats.start[0]), int(beats.end[0])
         raw = span.samples[start - span.start_seq : end - span.start_seq].astype(np.float32)
+        flipped = beats.flipped is not None and bool(beats.flipped[0])
         return BeatWindow(key[0], key[1], start, beats.windows[0], first_offset, last_offset, ts, now,
-                          span_end=end, r_peak_seq=span.r_peak, rr_s=float(beats.rr_s[0]), fs=s.fs, raw=raw)
+                          span_end=end, r_peak_seq=span.r_peak, rr_s=float(beats.rr_s[0]), fs=s.fs, raw=raw,
+                          flipped=flipped)
 
     def _count_dropped(self, s: _Sensor) -> None:
         dropped = s.detector.beats_dropped

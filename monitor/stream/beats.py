@@ -89,9 +89,18 @@ class Beats:
     start: IntArray  # (n,) the span [start, end) in sample indices (its real-valued ends rounded down);
     end: IntArray  # (n,) consecutive beats tile the signal when their RR intervals are equal
     rr_s: FloatArray  # (n,) R-to-next-R interval in seconds
+    #: (n,) whether each beat was negated to the convention's QRS sign (None: none was)
+    flipped: npt.NDArray[np.bool_] | None = None
 
     def __len__(self) -> int:
         return len(self.r_peak)
+
+    def recorded_windows(self) -> npt.NDArray[np.float32]:
+        """The windows the way up the lead records them (the per-sensor template compares beats so: a polarity
+        estimate that changes sign along a recording with a balanced QRS must not look like a change of shape)."""
+        if self.flipped is None:
+            return self.windows
+        return np.where(self.flipped[:, None], -self.windows, self.windows).astype(np.float32)
 
 
 def beat_extent(r_peak: int, next_r: int, fs: float, convention: BeatConvention) -> tuple[int, int]:
@@ -146,6 +155,7 @@ def segment(
         start=start,
         end=np.floor(r0 - convention.pre_r * rr + rr).astype(np.int64),
         rr_s=rr / fs,
+        flipped=np.full(len(rows), sign < 0),
     )
 
 

@@ -1,0 +1,172 @@
+"""Per-sensor template score: how far a beat's shape is from this sensor's own usual beat.
+
+The autoencoder's error says how far a beat is from the *training* patients' beats. On other patients
+that is not enough: on the 48 other patients of the MIT-BIH Arrhythmia Database it scored ventricular
+beats against the same patient's normal beats at a median per-patient AUROC of 0.80, below chance for
+10 of 26 patients, because a smooth, wide ventricular beat can be easier to reconstruct than a
+patient's sharp but unusual normal beat. The classic Holter answer carries across patients without
+training: compare each beat with the patient's own dominant beat. Here:
+
+    beat      the first `span_s` seconds of the beat window (its QRS, ST segment and T wave), taken from
+              the window the way up the lead records it at `points` instants and z-scored: in seconds,
+              not in the window's share of the R-R interval, because a QRS lasts the same whatever the
+              heart rate, and on the R-R time axis a change of rate alone reads as a change of shape
+    template  the per-sample running median of the sensor's beats, tracked by
+              ``T += step * sign(beat - T)``; a median, so a minority of ectopic beats (up to a third in
+              some patients) does not move it
+    distance  mean |beat - T| (before the beat updates T)
+    score     (log distance - location) / scale, against the sensor's own centre and spread of log
+              distances (median, and the spread of the lower half: `lower_half_baseline`), learnt after
+              the template has settled (beats `settle_beats` to `warmup_beats`), floor `min_scale`; the centre then
+              follows the running median of log distances (`adapt_rate` scales a beat), since a
+              patient's beats change slowly over hours (posture, rate, respiration)
+
+The first beat seeds the template; the step starts at `first_step` and falls linearly to `step` over
+`settle_beats`, so an ectopic first beat is forgotten within the settling. Until the warm-up ends a beat
+has no template score (None) and the policy takes the shape score alone.
+
+The alert policy's input for a beat window is max(calibrated shape score, template_weight x template score)
++ rhythm_weight x rhythm score (`ScorePolicyConfig.template_weight`, 0.7; docs/model-card.md, "Other
+patients", has how it was chosen and what it gives on 48 other patients).
+
+Bad-quality beats have no template score and teach nothing. The template is kept in float16 (72 bytes; the
+changelog carries it base64-encoded), updated from float16 every beat, so a restored sensor continues bit for
+bit; everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+__all__ = ["TemplateConfig", "TemplateState", "Template", "score_windows"]
+
+#: Distances below this are treated as this (log of zero: a beat identical to the template).
+MIN_DISTANCE = 1e-6
+#: How far the 25th percentile of a normal distribution lies below its median, in SDs.
+Z25 = 0.6745
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    span_s: float = 0.35  # seconds of the beat compared, from the window's start (3% of R-R before its R peak)
+    points: int = 36  # instants they are taken at (10 ms apart)
+    step: float = 0.02  # z units per beat per sample once settled: the template follows slow drift
+    first_step: float = 0.3  # the step on the second beat, falling linearly to `step` over settle_beats
+    settle_beats: int = 50  # the template only learns (its distances are not yet the sensor's normal)
+    warmup_beats: int = 150  # log distances of beats settle_beats..warmup_beats set the baseline
+    min_scale: float = 0.05  # floor of the spread (log units)
+    adapt_rate: float = 0.3  # after the warm-up the centre moves this many scales a beat towards each distance
+
+    def __post_init__(self) -> None:
+        if not 0 < self.step <= self.first_step or not 1 <= self.settle_beats < self.warmup_beats - 2 \
+                or self.min_scale <= 0 or self.span_s <= 0 or self.points < 2 or self.adapt_rate < 0:
+            raise ValueError(f"invalid template config {self}")
+
+
+@dataclass
+class TemplateState:
+    """One sensor's template; `to_dict()` is what a changelog record carries."""
+
+    template: np.ndarray | None = None  # float16, `points` values; None before the first beat
+    beats: int = 0  # good beats seen (saturates at the warm-up length)
+    location: float = 0.0
+    scale: float = 0.0  # 0 until the warm-up ends
+    warmup: list[float] = field(default_factory=list)  # log distances, only while calibrating
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"beats": self.beats, "location": self.location, "scale": self.scale,
+                                "warmup": list(self.warmup)}
+        if self.template is not None:
+            data["template"] = base64.b64encode(self.template.astype("<f2").tobytes()).decode()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TemplateState:
+        encoded = data.get("template")
+        template = None if encoded is None else np.frombuffer(base64.b64decode(encoded), dtype="<f2").astype(
+            np.float16)
+        return cls(template, int(data.get("beats", 0)), float(data.get("location", 0.0)),
+                   float(data.get("scale", 0.0)), [float(x) for x in data.get("warmup", [])])
+
+
+class Template:
+    """Pure functions of the config over per-sensor `TemplateState`s."""
+
+    def __init__(self, config: TemplateConfig | None = None) -> None:
+        self.config = config or TemplateConfig()
+
+    def update(self, state: TemplateState, window: np.ndarray, rr_s: float, good_quality: bool = True
+               ) -> float | None:
+        """The score of this beat window (the way up its lead records it; its R-R interval `rr_s` is the window's
+        duration) against the sensor's template (None while the sensor calibrates, and for a bad-quality beat),
+        then learn from it."""
+        if not good_quality:
+            return None
+        beat = self.beat(window, rr_s)
+        if state.template is None or len(state.template) != len(beat):
+            state.template, state.beats, state.scale, state.warmup = beat.astype(np.float16), 1, 0.0, []
+            return None
+        current = state.template.astype(np.float32)
+        log_distance = math.log(max(float(np.mean(np.abs(beat - current))), MIN_DISTANCE))
+        score = (log_distance - state.location) / state.scale if state.scale > 0 else None
+        state.template = (current + np.float32(self._step(state.beats)) * np.sign(beat - current)).astype(np.float16)
+        self._learn(state, log_distance)
+        return score
+
+    def beat(self, window: np.ndarray, rr_s: float) -> np.ndarray:
+        """The first `span_s` seconds of a window that lasts `rr_s`, at `points` instants, z-scored (float32)."""
+        values = np.asarray(window, dtype=np.float64).reshape(-1)
+        at = np.linspace(0.0, self.config.span_s, self.config.points) * (len(values) / rr_s)
+        beat = np.interp(at, np.arange(len(values)), values)  # a rate over 171 bpm: the window's end repeats
+        spread = float(beat.std())
+        out: np.ndarray = ((beat - beat.mean()) / (spread if spread > 0 else 1.0)).astype(np.float32)
+        return out
+
+    def calibrating(self, state: TemplateState) -> bool:
+        return state.beats < self.config.warmup_beats
+
+    def _step(self, beats: int) -> float:
+        c = self.config
+        return max(c.step, c.first_step * (1 - beats / c.settle_beats))
+
+    def _learn(self, state: TemplateState, log_distance: float) -> None:
+        if not self.calibrating(state):
+            # the centre follows the median (a run of ectopic beats moves it adapt_rate scales a beat); the spread
+            # is fixed after the warm-up: runs of ectopic beats must not widen it
+            state.location += self.config.adapt_rate * state.scale * (1 if log_distance > state.location else -1)
+            return
+        state.beats += 1
+        if state.beats > self.config.settle_beats:
+            state.warmup.append(round(log_distance, 4))  # 4 decimals: the buffer rides in changelog records
+        if state.beats == self.config.warmup_beats:
+            state.location, state.scale = lower_half_baseline(np.asarray(state.warmup))
+            state.scale = max(state.scale, self.config.min_scale)
+            state.warmup = []
+
+
+def lower_half_baseline(log_distances: np.ndarray) -> tuple[float, float]:
+    """(median, spread read off the lower half as a normal SD). Ectopic beats only ever lie *farther* from the
+    template, so with a third of them (bigeminy, trigeminy) a two-sided spread (MAD) would widen to the gap
+    between the two kinds of beat; below the median there are only the sensor's usual beats."""
+    median = float(np.median(log_distances))
+    return median, (median - float(np.percentile(log_distances, 25))) / Z25
+
+
+def score_windows(windows: np.ndarray, rr_s: np.ndarray | float, good_quality: np.ndarray | None = None,
+                  config: TemplateConfig | None = None) -> np.ndarray:
+    """The template score of every beat window of one sensor's stream (the way up its lead records them), in
+    order, from a fresh state (NaN where there is none): what the daemon computes beat by beat (the trainer's
+    stream evaluation uses it). rr_s: each window's R-R interval, or one for all."""
+    template, state = Template(config), TemplateState()
+    rows = np.asarray(windows).reshape(len(windows), -1)  # as given: the daemon's are float32
+    rr = np.broadcast_to(np.asarray(rr_s, dtype=np.float64), (len(rows),))
+    good = np.ones(len(rows), dtype=bool) if good_quality is None else np.asarray(good_quality, dtype=bool)
+    scores = (template.update(state, row, float(r), bool(ok)) for row, r, ok in zip(rows, rr, good, strict=True))
+    return np.array([math.nan if x is None else x for x in scores], dtype=np.float64)

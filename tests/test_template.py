@@ -1,0 +1,116 @@
+"""The per-sensor template score (monitor.stream.template): a beat unlike the sensor's own usual beat scores high,
+its usual beats do not, a minority of ectopic beats (or an ectopic first beat) does not become the template, and
+the state round-trips exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from monitor.stream.template import Template, TemplateConfig, TemplateState, score_windows
+
+CONFIG = TemplateConfig()
+T = np.linspace(0, 1, 140)
+RR = 0.8  # seconds: the windows below span this R-R interval
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / x.std(ddof=1)
+
+
+def bump(centre: float, width: float, height: float) -> np.ndarray:
+    return height * np.exp(-0.5 * ((T - centre) / width) ** 2)
+
+
+NORMAL = zscore(bump(0.02, 0.012, -4) + bump(0.35, 0.05, 0.8) + bump(0.9, 0.03, 0.2))  # sharp QRS, T, P
+ECTOPIC = zscore(bump(0.05, 0.05, -3) + bump(0.4, 0.08, -1.2))  # wide QRS, T opposite to it, no P
+
+
+def beats(shape: np.ndarray, n: int, seed: int = 0, noise: float = 0.05) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([zscore(shape * rng.uniform(0.9, 1.1) + rng.normal(0, noise, 140)) for _ in range(n)])
+
+
+def test_a_beat_unlike_the_sensors_own_scores_high_and_its_usual_beats_do_not():
+    windows = beats(NORMAL, 400)
+    windows[[250, 300, 301]] = beats(ECTOPIC, 3, seed=1)
+    scores = score_windows(windows, RR)
+    assert np.isnan(scores[:CONFIG.warmup_beats]).all()  # calibrating: no template score yet
+    assert min(scores[[250, 300, 301]]) > 10
+    usual = np.delete(scores[CONFIG.warmup_beats:], [100, 150, 151])
+    assert np.percentile(usual, 99) < 3
+
+
+@pytest.mark.parametrize("share", [0.0, 1 / 3])
+def test_a_third_of_ectopic_beats_or_an_ectopic_first_beat_does_not_become_the_template(share: float):
+    rng = np.random.default_rng(2)
+    windows = beats(NORMAL, 300, seed=3)
+    ectopic = np.flatnonzero(rng.random(300) < share)
+    if len(ectopic):
+        windows[ectopic] = beats(ECTOPIC, len(ectopic), seed=4)
+    windows[0] = ECTOPIC  # the seed of the template
+    template, state = Template(), TemplateState()
+    scores = np.array([np.nan if (s := template.update(state, w, RR)) is None else s for w in windows])
+    assert state.template is not None
+    assert np.mean(np.abs(state.template.astype(np.float64) - template.beat(NORMAL, RR))) < 0.1
+    normal = np.setdiff1d(np.arange(CONFIG.warmup_beats, 300), ectopic)
+    late = ectopic[ectopic >= CONFIG.warmup_beats]
+    assert np.percentile(scores[normal], 95) < 3
+    if len(late):
+        assert scores[late].min() > np.percentile(scores[normal], 99)
+
+
+def test_a_bad_quality_beat_has_no_score_and_teaches_nothing():
+    template, state = Template(), TemplateState()
+    for w in beats(NORMAL, 200):
+        template.update(state, w, RR)
+    before = json.dumps(state.to_dict())
+    assert template.update(state, ECTOPIC, RR, good_quality=False) is None
+    assert json.dumps(state.to_dict()) == before
+
+
+@pytest.mark.parametrize("split", [30, 120, 250])  # settling, calibrating, calibrated
+def test_the_state_round_trips_through_json_and_continues_bit_for_bit(split: int):
+    windows = beats(NORMAL, 300, seed=5)
+    windows[[100, 260]] = ECTOPIC
+    template, state = Template(), TemplateState()
+    for w in windows[:split]:
+        template.update(state, w, RR)
+    copy = TemplateState.from_dict(json.loads(json.dumps(state.to_dict())))
+    rest = windows[split:]
+    assert [template.update(copy, w, RR) for w in rest] == [template.update(state, w, RR) for w in rest]
+    assert state.warmup == [] and len(json.dumps(state.to_dict())) < 500  # bounded after the warm-up
+
+
+def test_a_change_of_heart_rate_alone_is_not_a_change_of_shape():
+    """The same beat at another rate: its window is the same QRS and T in seconds over a longer R-R interval."""
+    slow = 1.2
+
+    def at_rate(rr: float) -> np.ndarray:
+        """A QRS at 16 ms and a T wave at 280 ms after the window's start, on a window of R-R interval rr."""
+        seconds = T * rr
+        return zscore(-4 * np.exp(-0.5 * ((seconds - 0.016) / 0.01) ** 2)
+                      + 0.8 * np.exp(-0.5 * ((seconds - 0.28) / 0.04) ** 2))
+
+    template, state = Template(), TemplateState()
+    for w in beats(at_rate(RR), 200):
+        template.update(state, w, RR)
+    same = template.update(state, at_rate(slow), slow)
+    stretched = template.update(state, at_rate(RR), slow)  # the R-R axis read as seconds: the waves too long
+    assert same is not None and stretched is not None and same < 3 < stretched
+
+
+def test_an_identical_beat_has_a_finite_score():
+    template, state = Template(TemplateConfig(settle_beats=2, warmup_beats=10)), TemplateState()
+    scores = [template.update(state, NORMAL, RR) for _ in range(20)]
+    assert all(s is not None and math.isfinite(s) for s in scores[10:])
+
+
+def test_invalid_configs_are_refused():
+    with pytest.raises(ValueError):
+        TemplateConfig(step=0)
+    with pytest.raises(ValueError):
+        TemplateConfig(settle_beats=150, warmup_beats=150)
