@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from monitor.daemon.loop import Monitor
 from monitor.daemon.metrics import Metrics
 from monitor.daemon.settings import MonitorSettings
-from monitor.daemon.state_store import SensorStates, policy_config, prior_of
+from monitor.daemon.state_store import BeatInfo, SensorStates, policy_config, prior_of
 from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
 from monitor.stream.policy import ScorePolicy, ScorePolicyConfig
 from monitor.stream.wire import encode_input
@@ -135,6 +135,9 @@ def test_the_policy_comes_from_the_artefact_and_settings_override_it():
     assert (config.aggregate, config.fire_level, config.alpha) == ("ewma", 3.5, 0.3)
     config = policy_config(scorer, MonitorSettings(_env_file=None, alert_fire_level=4.0))  # type: ignore[arg-type,call-arg]
     assert config.fire_level == 4.0 and config.aggregate == "ewma"
+    override = MonitorSettings(_env_file=None, alert_template_weight=0.0, alert_rhythm_weight=1.0)  # type: ignore[call-arg]
+    config = policy_config(scorer, override)  # type: ignore[arg-type]
+    assert (config.template_weight, config.rhythm_weight) == (0.0, 1.0)
     assert prior_of(scorer) == Prior.from_stats({"p50": 0.1, "p95": 0.3}, 0.3)  # type: ignore[arg-type]
     bare = prior_of(SimpleNamespace(threshold=0.3))  # type: ignore[arg-type]
     assert math.exp(bare.location + 1.6449 * bare.scale) == pytest.approx(0.3)
@@ -310,7 +313,7 @@ def test_a_beat_sensors_rhythm_feeds_the_policy_and_survives_a_restore():
     errs = errors(400)
 
     def beats(states: SensorStates, rows: range) -> list:
-        return [states.apply((0, "b"), 10 * i, i, errs[i], True, float(r_peaks[i])) for i in rows]
+        return [states.apply((0, "b"), 10 * i, i, errs[i], True, BeatInfo(float(r_peaks[i]), 0.8, None)) for i in rows]
 
     original = make_states()
     first = beats(original, range(200))
@@ -327,3 +330,37 @@ def test_a_beat_sensors_rhythm_feeds_the_policy_and_survives_a_restore():
     assert added == pytest.approx(0.5 * sum(o.rhythm_score for o in upto[-window:]) / window)
     assert added > 1
     assert feed(make_states(), "fixed", errs[:5])[0].rhythm_score is None  # fixed windows have no rhythm
+
+
+def test_a_beat_sensors_template_raises_the_policy_input_and_survives_a_restore():
+    """Beat windows carry their values: a beat unlike the sensor's usual beat gets a template score, the policy
+    takes the larger of it and the calibrated shape score, and the template comes back from the changelog bit
+    for bit."""
+    rng = np.random.default_rng(6)
+    t = np.linspace(0, 1, 140)
+    usual = np.exp(-0.5 * ((t - 0.1) / 0.02) ** 2) + 0.3 * np.exp(-0.5 * ((t - 0.4) / 0.06) ** 2)
+    windows = [usual + rng.normal(0, 0.03, 140) for _ in range(300)]
+    odd = 280
+    windows[odd] = -usual  # upside down: the shape score (errs) does not see it, the template does
+    errs = errors(300)
+
+    def beats(states: SensorStates, rows: range) -> list:
+        return [states.apply((0, "b"), 10 * i, i, errs[i], True, BeatInfo(0.8 * i, 0.8, windows[i])) for i in rows]
+
+    original = make_states()
+    first = beats(original, range(200))
+    assert all(o.template_score is None for o in first[:150])  # the template's warm-up
+    copy = restored_from(original)
+    assert "template" in json.loads(original.encode((0, "b")))
+    rest = beats(original, range(200, 300))
+    assert beats(copy, range(200, 300)) == rest
+    assert rest[odd - 200].template_score > 10 > rest[odd - 201].template_score
+    shape_only = make_states(policy=ScorePolicyConfig(template_weight=0.0))
+    assert beats(shape_only, range(odd + 1))[-1].template_score is None
+    default = make_states()
+    upto = beats(default, range(odd + 1))
+    window = ScorePolicyConfig().window  # the aggregate is the mean of the last `window` inputs
+    weight = ScorePolicyConfig().template_weight
+    inputs = [max(o.calibrated.score, weight * o.template_score) for o in upto[-window:]]
+    assert default.policy.snapshot((0, "b"))["value"] == pytest.approx(sum(inputs) / window)
+    assert inputs[-1] > upto[-1].calibrated.score + 5

@@ -9,8 +9,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from monitor.stream.calibration import CalibrationConfig, Prior
-from monitor.stream.policy import FIRING, ScorePolicyConfig
+from monitor.daemon.state_store import BeatInfo, SensorStates
+from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
+from monitor.stream.policy import FIRING, ScorePolicy, ScorePolicyConfig
 from trainer.streams import (Scored, Stream, alerted_runs, annotated_stream, choose_operating_point, combine,
                              ecg5000_streams, event_stats, evaluate, fired, legacy_fired, nab_raw, nab_score,
                              nab_sigmoid, nab_windows, open_alert, per_class_auroc, plot_operating_curve,
@@ -174,6 +175,41 @@ def test_the_policy_input_adds_the_rhythm_score_at_its_weight_and_a_regular_stre
     assert np.array_equal(flat.scores, flat_shape.scores)
     added = both.scores - shape_only.scores
     assert added[350] > 2 and np.argmax(added) == 350 and added.min() >= 0
+
+
+def test_beat_windows_raise_the_policy_input_to_the_template_score_as_the_daemon_does():
+    """ECG5000 streams built with their beat windows carry each beat's template score (monitor.stream.template);
+    the policy input is the larger of it and the calibrated shape score, and the same as the daemon's."""
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, 140)
+    usual = np.exp(-0.5 * ((t - 0.1) / 0.02) ** 2) + 0.3 * np.exp(-0.5 * ((t - 0.4) / 0.06) ** 2)
+    windows = np.stack([usual + rng.normal(0, 0.03, 140) for _ in range(60)] + [-usual] * 20)[:, :, None]
+    errors = np.exp(rng.normal(math.log(0.1), 0.1, 80))  # the shape score cannot tell the classes apart
+    labels = np.array(["1"] * 60 + ["2"] * 20)
+    prior, config = Prior(math.log(0.1), 0.3, 0.3), ScorePolicyConfig()
+    made = ecg5000_streams(errors, labels, n_streams=2, minutes=10, runs_per_hour=30, seed=3, windows=windows)
+    plain = ecg5000_streams(errors, labels, n_streams=2, minutes=10, runs_per_hour=30, seed=3)
+    assert all(np.isnan(s.template_scores[:150]).all() for s in made)  # the template's warm-up
+    (with_t, _), _ = run_policy(made, prior, policy=config)
+    (shape, _), _ = run_policy(plain, prior, policy=config)
+    (off, _), _ = run_policy(made, prior, policy=replace(config, template_weight=0.0))
+    assert np.array_equal(off.scores, shape.scores)
+    assert np.array_equal(with_t.scores, np.fmax(shape.scores, config.template_weight * made[0].template_scores))
+    anomalous = made[0].anomalous[150:]
+    assert with_t.scores[150:][anomalous].min() > shape.scores[150:][anomalous].max() + 3
+    states = SensorStates(Calibrator(prior), ScorePolicy(config), "m")
+    beats = zip(made[0].errors, made[0].times_s, windows_of(made[0], windows, errors), strict=True)
+    daemon = [states.apply((0, "s"), i, i, float(e), True, BeatInfo(float(ts), 1.0, w))
+              for i, (e, ts, w) in enumerate(beats)]
+    weight = config.template_weight
+    assert np.allclose([o.calibrated.score if o.template_score is None else
+                        max(o.calibrated.score, weight * o.template_score) for o in daemon], with_t.scores)
+
+
+def windows_of(s: Stream, windows: np.ndarray, errors: np.ndarray) -> list[np.ndarray]:
+    """The pool's window of each beat of an ECG5000 stream (its error identifies it: they are all distinct)."""
+    row = {float(e): i for i, e in enumerate(errors)}
+    return [windows[row[float(e)]] for e in s.errors]
 
 
 def test_a_run_inside_an_alert_already_open_counts_as_alerting_though_not_as_detected():

@@ -13,6 +13,7 @@ import numpy as np
 from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_fscore_support,
                              roc_auc_score)
 
+from monitor.core.artefact import Artefact
 from monitor.core.scoring import Scorer
 from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
 from monitor.stream.policy import ScorePolicyConfig
@@ -126,7 +127,8 @@ def to_markdown(report: dict[str, Any]) -> str:
 # -- the alert policy's operating point ---------------------------------------------------------------------------
 
 def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, prior: Prior, budget_per_hour: float,
-                    *, beat_period_s: float = 1.0, seed: int = 0) -> dict[str, Any]:
+                    *, beat_period_s: float = 1.0, seed: int = 0, windows: np.ndarray | None = None
+                    ) -> dict[str, Any]:
     """The calibrated ScorePolicy for a false-alert budget, chosen on streams of *validation* beats
     (trainer.streams): their normal beats reshuffled into sensor-hours at one beat per `beat_period_s`, and,
     when validation holds anomalous beats (val_anomaly_fraction > 0), streams with injected runs of them.
@@ -134,7 +136,9 @@ def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, p
     With anomalous validation beats every aggregate is swept and the most sensitive point within the budget
     wins (`choose_operating_point`). Without, detection cannot be measured: the default aggregate is kept and
     its lowest fire level within the budget chosen (for one aggregate a lower level never detects less).
-    When no level meets the budget, the one with the fewest false alerts is kept and `budget_met` is false."""
+    When no level meets the budget, the one with the fewest false alerts is kept and `budget_met` is false.
+    windows: the beats' windows when the model is served on beat windows (its policy input has the template score).
+    """
     errors, labels = np.asarray(errors, dtype=np.float64), np.asarray(labels).astype(str)
     warmup = CalibrationConfig().warmup_beats
     calibrator = Calibrator(prior)
@@ -143,8 +147,9 @@ def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, p
     def scored(runs_per_hour: float, stream_seed: int) -> list[streams.Scored]:
         made = streams.ecg5000_streams(errors, labels, n_streams=VALIDATION_SENSOR_HOURS, minutes=minutes,
                                        runs_per_hour=runs_per_hour, warmup_beats=warmup,
-                                       beat_period_s=beat_period_s, normal_label=normal_label, seed=stream_seed)
-        return [streams.calibrate(s, calibrator) for s in made]
+                                       beat_period_s=beat_period_s, normal_label=normal_label, seed=stream_seed,
+                                       windows=windows)
+        return [streams.policy_input(s, calibrator, ScorePolicyConfig()) for s in made]
 
     normal = scored(0, seed)
     measured = bool((labels != normal_label).any())
@@ -180,16 +185,17 @@ TEST_SENSOR_HOURS, TEST_STREAM_SEEDS = 20, (0, 1, 2)
 
 
 def stream_figures(errors: np.ndarray, labels: np.ndarray, normal_label: str, prior: Prior,
-                   policy: ScorePolicyConfig) -> dict[str, Any]:
+                   policy: ScorePolicyConfig, windows: np.ndarray | None = None) -> dict[str, Any]:
     """The alert policy over streams of *test* beats at one beat per second (trainer.streams), as a ward
     would see it: per seed, false alerts per sensor-hour on streams of normal beats, and the share of
-    injected anomalous runs (3-6 beats, RUNS_PER_HOUR) that raise an alert within the run, with the delay."""
+    injected anomalous runs (3-6 beats, RUNS_PER_HOUR) that raise an alert within the run, with the delay.
+    windows: as in `operating_point`."""
     errors, labels = np.asarray(errors, dtype=np.float64), np.asarray(labels).astype(str)
     warmup = CalibrationConfig().warmup_beats
 
     def figures(runs_per_hour: float, seed: int) -> dict[str, Any]:
         made = streams.ecg5000_streams(errors, labels, n_streams=TEST_SENSOR_HOURS, runs_per_hour=runs_per_hour,
-                                       warmup_beats=warmup, normal_label=normal_label, seed=seed)
+                                       warmup_beats=warmup, normal_label=normal_label, seed=seed, windows=windows)
         return streams.evaluate(*streams.run_policy(made, prior, policy=policy), warmup_beats=warmup)
 
     per_seed = []
@@ -214,7 +220,14 @@ def ecg5000_operating_point(scorer: Scorer, ecg5000_dir: Path, split_seed: int, 
                               "val_anomaly_fraction": anomaly_fraction}
     val = split(data_mod.load(ecg5000_dir), "1", **record).val
     prior = Prior.from_stats(scorer.artefact.metadata["validation_errors"], scorer.threshold)
-    return operating_point(scorer.score(val.windows), val.labels, "1", prior, budget_per_hour), record
+    return operating_point(scorer.score(val.windows), val.labels, "1", prior, budget_per_hour,
+                           windows=beat_windows(scorer.artefact, val.windows)), record
+
+
+def beat_windows(artefact: Artefact, windows: np.ndarray) -> np.ndarray | None:
+    """The windows, when the daemon serves this artefact on beat windows (its policy input then has the template
+    score: trainer.streams.policy_input); None for fixed windows."""
+    return windows if artefact.metadata.get("windowing", {}).get("kind") == "beats" else None
 
 
 def _fewest_false_alerts(normal: list[streams.Scored], anomalous: list[streams.Scored], warmup: int
@@ -294,7 +307,8 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
             auroc = float(roc_auc_score(rows[pair], errors[pair]))
         per_class[cls] = {"name": AAMI_NAMES.get(cls, cls), "n": int(rows.sum()), "flagged": int(flagged[rows].sum()),
                           "rate": float(flagged[rows].mean()), "auroc_vs_normal": auroc}
-    stream = streams.annotated_stream(rec.name, errors, cut.beats.r_peak / rec.fs, labels.tolist())
+    stream = streams.annotated_stream(rec.name, errors, cut.beats.r_peak / rec.fs, labels.tolist(),
+                                      windows=cut.beats.recorded_windows(), rr_s=cut.beats.rr_s)
     warmup, policy = CalibrationConfig().warmup_beats, policy or ScorePolicyConfig()
     scored, alerts = streams.run_policy([stream], prior, policy=policy)
     stream_metrics = streams.evaluate(scored, alerts, warmup_beats=warmup)

@@ -30,8 +30,8 @@ from monitor.stream.calibration import Prior
 from monitor.stream.policy import ScorePolicyConfig
 from trainer import data as data_mod
 from trainer import plots, recordings, streams
-from trainer.evaluate import (error_stats, evaluate, evaluate_recording, operating_point, pool_recordings,
-                              stream_figures, write_report)
+from trainer.evaluate import (beat_windows, error_stats, evaluate, evaluate_recording, operating_point,
+                              pool_recordings, stream_figures, write_report)
 from trainer.fit import FitResult, deterministic, torch_threads, train_autoencoder
 from trainer.settings import TrainerSettings
 from trainer.split import SplitData, recorded_split, split
@@ -133,7 +133,8 @@ def _fit_model(s: TrainerSettings, dataset: SplitData | None) -> FitOutcome:
     validation_errors = error_stats(val_errors[val.normal])
     point = operating_point(val_errors, val.labels, s.normal_label,
                             Prior.from_stats(validation_errors, artefact.threshold), s.false_alert_budget,
-                            beat_period_s=split_data.dataset.beat_period_s, seed=s.seed)
+                            beat_period_s=split_data.dataset.beat_period_s, seed=s.seed,
+                            windows=val.windows if is_recording(s) else None)
 
     report: dict[str, Any] = {
         "model_version": artefact.model_version,
@@ -244,7 +245,8 @@ def evaluate_artefact(model: Path, settings: TrainerSettings | None = None, subs
     with torch_threads(s.torch_threads):
         result, errors = evaluate(Scorer(artefact, device="cpu"), windows, labels, s.normal_label)
     if artefact.metadata.get("validation_errors") and subset == "test" and (np.asarray(labels) != s.normal_label).any():
-        result["streams"] = stream_figures(errors, labels, s.normal_label, *served_policy(artefact))
+        result["streams"] = stream_figures(errors, labels, s.normal_label, *served_policy(artefact),
+                                           windows=beat_windows(artefact, windows))
     return {"model_version": artefact.model_version, "subset": subset, "data_digest": split_data.dataset.digest,
             **result}
 

@@ -31,7 +31,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
-from monitor.stream import rhythm
+from monitor.stream import rhythm, template
 from monitor.stream.policy import FIRING, RESOLVED, AlertPolicy, ScorePolicy, ScorePolicyConfig
 
 #: MIT-BIH beat annotation symbols -> AAMI EC57 classes (N normal, S supraventricular ectopic,
@@ -50,6 +50,9 @@ class Stream:
     times_s: np.ndarray  # (n,) beat time in seconds
     normal_label: str = "1"
     good_quality: np.ndarray | None = None  # (n,) bool; None: all good
+    #: (n,) each beat's score against the sensor's own template (monitor.stream.template; NaN while it calibrates),
+    #: computed in stream order from the beat windows; None: no windows (fixed windows, or errors only)
+    template_scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.errors)
@@ -70,21 +73,25 @@ def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def annotated_stream(sensor_id: str, errors: np.ndarray, times_s: np.ndarray, symbols: Sequence[str],
-                     good_quality: np.ndarray | None = None) -> Stream:
-    """A recording's beats (MIT-BIH symbols, or AAMI classes already) as a stream with normal "N"."""
+                     good_quality: np.ndarray | None = None, windows: np.ndarray | None = None,
+                     rr_s: np.ndarray | None = None) -> Stream:
+    """A recording's beats (MIT-BIH symbols, or AAMI classes already) as a stream with normal "N"; with its beat
+    `windows` (the way up the lead records them) and their R-R intervals, each beat's template score too."""
     labels = np.asarray([AAMI.get(s, s) for s in symbols], dtype=object)
+    scores = None if windows is None or rr_s is None else template.score_windows(windows, rr_s, good_quality)
     return Stream(sensor_id, np.asarray(errors, dtype=np.float64), labels, np.asarray(times_s, dtype=np.float64),
-                  "N", good_quality)
+                  "N", good_quality, scores)
 
 
 def ecg5000_streams(errors: np.ndarray, labels: np.ndarray, *, n_streams: int, minutes: float = 60,
                     runs_per_hour: float = 0, run_lengths: tuple[int, int] = (3, 6), warmup_beats: int = 150,
                     min_gap: int = 60, beat_period_s: float = 1.0, normal_label: str = "1",
-                    seed: int = 0) -> list[Stream]:
+                    seed: int = 0, windows: np.ndarray | None = None) -> list[Stream]:
     """Streams of a pool of scored ECG5000 beats at one beat per `beat_period_s`: the normal beats
     reshuffled and concatenated (each used once per pass), with `runs_per_hour` injected runs of
     anomalous beats (length uniform in `run_lengths`, one class per run, the class drawn in
-    proportion to the pool, beats drawn from it) after the warm-up, at least `min_gap` beats apart."""
+    proportion to the pool, beats drawn from it) after the warm-up, at least `min_gap` beats apart.
+    With the pool's beat `windows` (a model served on beat windows), each stream has its template scores."""
     errors, labels = np.asarray(errors, dtype=np.float64), np.asarray(labels).astype(str)
     rng = np.random.default_rng(seed)
     normal = np.flatnonzero(labels == normal_label)
@@ -102,7 +109,9 @@ def ecg5000_streams(errors: np.ndarray, labels: np.ndarray, *, n_streams: int, m
             cls = labels[rng.choice(anomalous)]
             rows[start:start + length] = rng.choice(np.flatnonzero(labels == cls), length)
         streams.append(Stream(f"ecg5000-{seed}-{s}", errors[rows], labels[rows],
-                              np.arange(n_beats) * beat_period_s, normal_label))
+                              np.arange(n_beats) * beat_period_s, normal_label,
+                              template_scores=None if windows is None else template.score_windows(
+                                  windows[rows], beat_period_s)))
     return streams
 
 
@@ -557,16 +566,30 @@ def plot_operating_curve(table: Sequence[dict[str, Any]], path: Path, budget_per
 
 def run_policy(streams: Sequence[Stream], prior: Prior, calibration: CalibrationConfig | None = None,
                policy: ScorePolicyConfig | None = None) -> tuple[list[Scored], list[np.ndarray]]:
-    """Calibrate each stream, add the rhythm score at the policy's weight (as the daemon does for beat
-    windows; ECG5000 streams, one beat a second, have none) and apply the policy: (scored streams, firing
-    beat indices)."""
+    """The policy's input for each stream (`policy_input`) and the policy over it: (scored streams, firing beat
+    indices)."""
     calibrator, config = Calibrator(prior, calibration), policy or ScorePolicyConfig()
-    scored = [with_rhythm(calibrate(s, calibrator), config.rhythm_weight) for s in streams]
+    scored = [policy_input(s, calibrator, config) for s in streams]
     return scored, [fired(s, config) for s in scored]
 
 
+def policy_input(stream: Stream, calibrator: Calibrator, config: ScorePolicyConfig) -> Scored:
+    """What the daemon feeds the policy for each beat: the calibrated shape score, for beat windows the larger of
+    it and `config.template_weight` x the template score, plus `config.rhythm_weight` x the rhythm score (ECG5000
+    streams, one beat a second, have none)."""
+    return with_rhythm(with_template(calibrate(stream, calibrator), config.template_weight), config.rhythm_weight)
+
+
+def with_template(scored: Scored, weight: float) -> Scored:
+    """Calibrated scores raised to weight x each beat's template score (monitor.stream.template), where the stream
+    has them."""
+    if weight == 0 or scored.stream.template_scores is None:
+        return scored
+    return replace(scored, scores=np.fmax(scored.scores, weight * scored.stream.template_scores))  # NaN: none yet
+
+
 def with_rhythm(scored: Scored, weight: float) -> Scored:
-    """The policy's input: calibrated scores + weight x the rhythm score of each beat (monitor.stream.rhythm)."""
+    """Scores + weight x the rhythm score of each beat (monitor.stream.rhythm)."""
     if weight == 0 or len(scored.scores) == 0:
         return scored
     return replace(scored, scores=scored.scores + weight * rhythm.score_times(scored.stream.times_s))

@@ -39,7 +39,8 @@ from monitor.daemon.kafka_io import (Outbox, RebalanceListener, commit_offsets, 
                                      make_producer)
 from monitor.daemon.logs import setup_logging
 from monitor.daemon.metrics import Metrics
-from monitor.daemon.state_store import Changelog, ChangelogReader, SensorStates, build_states, check_state_topic
+from monitor.daemon.state_store import (BeatInfo, Changelog, ChangelogReader, SensorStates, build_states,
+                                        check_state_topic)
 from monitor.stream import quality
 from monitor.core.scoring import ArtefactError, Scorer
 from monitor.daemon.settings import MonitorSettings, load_settings
@@ -298,8 +299,9 @@ class Monitor:
 
     def _calibrate_and_alert(self, window: Window, error: float, flag: bool, bad: str | None, now: float) -> None:
         """Per-sensor calibration (`bad`: the window's signal-quality problem) -> policy -> score record and alerts."""
-        r_peak_s = window.r_peak_seq / window.fs if isinstance(window, BeatWindow) else None
-        outcome = self.states.apply(window.key, window.start_seq, window.last_offset, error, bad is None, r_peak_s)
+        beat = BeatInfo(window.r_peak_seq / window.fs, window.rr_s, window.recorded_values) \
+            if isinstance(window, BeatWindow) else None  # beat windows have a rhythm and a template
+        outcome = self.states.apply(window.key, window.start_seq, window.last_offset, error, bad is None, beat)
         if outcome is None:  # the restored state already reflects this window: its outputs were delivered
             return
         if bad is not None:
@@ -312,7 +314,7 @@ class Monitor:
                                  calibrated_score=_finite(outcome.calibrated.score),
                                  calibration=cast(Literal["calibrating", "calibrated"], outcome.phase),
                                  calibrated_threshold=_finite(outcome.calibrated_threshold), quality=bad,
-                                 rhythm_score=outcome.rhythm_score)
+                                 rhythm_score=outcome.rhythm_score, template_score=outcome.template_score)
             self.outbox.send(self.settings.scores_topic, window.sensor_id.encode(), record.to_bytes())
             self.metrics.scores_published.inc()
         for state in outcome.transitions:
@@ -324,7 +326,7 @@ class Monitor:
                                 **beat_fields(window),
                                 calibrated_score=_finite(outcome.calibrated.score),
                                 calibrated_threshold=_finite(outcome.calibrated_threshold), quality=bad,
-                                rhythm_score=outcome.rhythm_score)
+                                rhythm_score=outcome.rhythm_score, template_score=outcome.template_score)
             self.outbox.send(self.settings.alerts_topic, window.sensor_id.encode(), alert.to_bytes())
             self.metrics.alerts.labels(state=state).inc()
             log.info("alert", extra={"alert_id": alert.alert_id, "state": state, "score": round(error, 5),

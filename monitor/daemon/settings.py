@@ -76,6 +76,9 @@ class MonitorSettings(BaseSettings):
     alert_gross_beats: int | None = Field(None, ge=1, description="Consecutive gross beats that fire at any time")
     alert_rhythm_weight: float | None = Field(None, ge=0, description="Beat models: weight of the rhythm "
                                               "(prematurity) score added to the calibrated score; 0 = shape only")
+    alert_template_weight: float | None = Field(None, ge=0, description="Beat models: the shape score is the larger "
+                                                "of the autoencoder's and this times the template score (distance "
+                                                "from the sensor's own usual beat); 0 = the autoencoder's alone")
     calibration_warmup_beats: int | None = Field(None, ge=3, description="Beats a new sensor calibrates on; "
                                                                          "empty = 150")
     quality_gating: bool = Field(True, description="Check each window's signal quality; bad ones raise no "

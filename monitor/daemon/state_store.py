@@ -1,8 +1,9 @@
-"""Per-sensor state (calibration, rhythm, alert policy) and its changelog topic, like a Kafka Streams
+"""Per-sensor state (calibration, rhythm, template, alert policy) and its changelog topic, like a Kafka Streams
 state store.
 
 `SensorStates` holds, for every sensor of the assigned partitions, its calibration state
-(monitor.stream.calibration), for a beat sensor its rhythm (monitor.stream.rhythm), its policy state
+(monitor.stream.calibration), for a beat sensor its rhythm (monitor.stream.rhythm) and its beat template
+(monitor.stream.template), its policy state
 (monitor.stream.policy.ScorePolicy) and a replay marker: the start seq of the last window applied
 and the highest input offset among the windows applied. Each batch's changed sensors are written
 to a compacted changelog topic, keyed by sensor id and on the *same partition number* as their
@@ -53,6 +54,7 @@ from monitor.stream.calibration import (CALIBRATED, CALIBRATING, Calibrated, Cal
                                         Calibrator, Prior)
 from monitor.stream.policy import ScorePolicy, ScorePolicyConfig
 from monitor.stream.rhythm import Rhythm, RhythmState
+from monitor.stream.template import Template, TemplateState
 from monitor.stream.windowing import Partial, SensorKey
 
 log = logging.getLogger("monitor.daemon.state_store")
@@ -75,6 +77,16 @@ class _Sensor:
     last_seen: float
     partial: Partial | None = None  # the partial window it held when the windower evicted it
     rhythm: RhythmState = field(default_factory=RhythmState)  # beat sensors: its R-R intervals (monitor.stream.rhythm)
+    template: TemplateState = field(default_factory=TemplateState)  # beat sensors: its usual beat (.template)
+
+
+class BeatInfo(NamedTuple):
+    """What a beat window adds to its error: its R peak in seconds of the sensor's stream (the rhythm score), its
+    R-R interval and its values the way up the lead records them (the template score)."""
+
+    r_peak_s: float
+    rr_s: float
+    values: np.ndarray | None  # None: no template score
 
 
 class Outcome(NamedTuple):
@@ -85,6 +97,7 @@ class Outcome(NamedTuple):
     phase: str  # "calibrating" or "calibrated" after this window
     calibrated_threshold: float  # the raw error at which this sensor's score reaches the fire level
     rhythm_score: float | None = None  # beat windows: how premature the beat was (None for fixed windows)
+    template_score: float | None = None  # beat windows: how far from the sensor's usual beat (None: calibrating)
 
 
 class SensorStates:
@@ -94,6 +107,7 @@ class SensorStates:
         self.calibrator = calibrator
         self.policy = policy
         self.rhythm = Rhythm()  # beat sensors' prematurity (the policy weighs it: rhythm_weight)
+        self.template = Template()  # beat sensors' distance from their own usual beat (policy: template_weight)
         self.model_version = model_version
         self.idle_timeout_s = idle_timeout_s
         self.max_sensors = max_sensors
@@ -108,10 +122,10 @@ class SensorStates:
     # -- scoring ---------------------------------------------------------------------------------
 
     def apply(self, key: SensorKey, start_seq: int, offset: int, error: float, good_quality: bool,
-              r_peak_s: float | None = None) -> Outcome | None:
-        """Calibrate and run the policy on one window (a beat window: with its R peak in seconds of the
-        sensor's stream, for the rhythm score); None when the state already reflects it (a replay after a
-        crash between the changelog's flush and the commit)."""
+              beat: BeatInfo | None = None) -> Outcome | None:
+        """Calibrate and run the policy on one window (a beat window with its `BeatInfo`, for the rhythm and
+        template scores); None when the state already reflects it (a replay after a crash between the
+        changelog's flush and the commit)."""
         sensor = self._sensors.get(key)
         if sensor is not None and start_seq <= sensor.seq and offset <= sensor.offset:
             return None
@@ -124,13 +138,17 @@ class SensorStates:
             # elsewhere, a reset or a gap, and the windower started afresh): either way it is not needed again.
             sensor.partial = None
         calibrated = self.calibrator.update(sensor.calibration, error, good_quality)
-        rhythm = None if r_peak_s is None else self.rhythm.update(sensor.rhythm, r_peak_s, good_quality)
-        score = calibrated.score + self.policy.config.rhythm_weight * (rhythm or 0.0)
+        config = self.policy.config
+        rhythm = None if beat is None else self.rhythm.update(sensor.rhythm, beat.r_peak_s, good_quality)
+        template = None if beat is None or beat.values is None or config.template_weight == 0 else \
+            self.template.update(sensor.template, beat.values, beat.rr_s, good_quality)
+        shape = calibrated.score if template is None else max(calibrated.score, config.template_weight * template)
+        score = shape + config.rhythm_weight * (rhythm or 0.0)
         transitions = self.policy.observe(key, score, calibrating=calibrated.calibrating,
                                           gross=calibrated.gross, good_quality=good_quality)
         self._dirty.add(key)
         return Outcome(calibrated, transitions, self.calibrator.phase(sensor.calibration),
-                       self.calibrator.threshold_error(sensor.calibration, self.policy.config.fire_level), rhythm)
+                       self.calibrator.threshold_error(sensor.calibration, config.fire_level), rhythm, template)
 
     def _add(self, key: SensorKey, seq: int, offset: int) -> _Sensor:
         sensor = self._sensors[key] = _Sensor(self.calibrator.new_state(), seq, offset, self.clock())
@@ -190,6 +208,8 @@ class SensorStates:
                 "policy": self.policy.snapshot(key)}
         if sensor.rhythm.last_r is not None:  # beat sensors only
             data["rhythm"] = sensor.rhythm.to_dict()
+        if sensor.template.template is not None:
+            data["template"] = sensor.template.to_dict()
         if sensor.partial is not None:  # float32 bytes, so the restored window is bit for bit the same
             data["partial"] = {"seq": sensor.partial.start_seq,
                                "values": base64.b64encode(sensor.partial.values.astype("<f4").tobytes()).decode()}
@@ -219,7 +239,8 @@ class SensorStates:
             if not (math.isfinite(calibration.location) and math.isfinite(calibration.scale)):
                 return False
             sensor = _Sensor(calibration, int(data["seq"]), int(data["offset"]), self.clock(),
-                             _partial_of(data.get("partial")), RhythmState.from_dict(data.get("rhythm", {})))
+                             _partial_of(data.get("partial")), RhythmState.from_dict(data.get("rhythm", {})),
+                             TemplateState.from_dict(data.get("template", {})))
             if data.get("policy") is not None:
                 self.policy.restore(key, data["policy"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # (binascii.Error is a ValueError)
@@ -293,7 +314,7 @@ def policy_config(scorer: Scorer, settings: MonitorSettings) -> ScorePolicyConfi
     values: dict[str, Any] = {k: v for k, v in stored.items() if k in fields} if isinstance(stored, Mapping) else {}
     overrides = {"fire_level": settings.alert_fire_level, "resolve_level": settings.alert_resolve_level,
                  "resolve_beats": settings.alert_resolve_beats, "gross_beats": settings.alert_gross_beats,
-                 "rhythm_weight": settings.alert_rhythm_weight}
+                 "rhythm_weight": settings.alert_rhythm_weight, "template_weight": settings.alert_template_weight}
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("resolve_level", 0.0) > values.get("fire_level", ScorePolicyConfig.fire_level):
         values["resolve_level"] = values.get("fire_level", ScorePolicyConfig.fire_level) / 2  # keep hysteresis valid

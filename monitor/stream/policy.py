@@ -175,6 +175,9 @@ class ScorePolicyConfig:
     #: a beat's input is its calibrated shape score + rhythm_weight x its rhythm score (monitor.stream.rhythm;
     #: beat windows only, 0 for fixed windows); 0 scores shape alone
     rhythm_weight: float = 0.5
+    #: beat windows: the shape input is the larger of the calibrated shape score and template_weight x the beat's
+    #: score against the sensor's own template (monitor.stream.template); 0 scores the autoencoder's shape alone
+    template_weight: float = 0.7
 
     def __post_init__(self) -> None:
         if self.aggregate not in AGGREGATES:
@@ -182,7 +185,8 @@ class ScorePolicyConfig:
         if self.resolve_level > self.fire_level:
             raise ValueError(f"resolve_level {self.resolve_level} > fire_level {self.fire_level}")
         if min(self.window, self.resolve_beats, self.gross_beats, self.quality_bad_beats) < 1 \
-                or self.quality_bad_beats > self.quality_window or not 0 < self.alpha <= 1 or self.rhythm_weight < 0:
+                or self.quality_bad_beats > self.quality_window or not 0 < self.alpha <= 1 or self.rhythm_weight < 0 \
+                or self.template_weight < 0:
             raise ValueError(f"invalid policy config {self}")
 
 

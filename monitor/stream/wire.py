@@ -147,6 +147,9 @@ class AlertRecord(BaseModel):
     quality: str | None = None  # the window's signal-quality problem, if any
     # Beat windows: how premature the beat came (monitor.stream.rhythm; the policy adds rhythm_weight x it)
     rhythm_score: float | None = None
+    # Beat windows: how far the beat is from the sensor's own usual beat, in its robust SDs (monitor.stream.template;
+    # the policy takes the larger of it and calibrated_score); null while the sensor calibrates
+    template_score: float | None = None
 
     @staticmethod
     def make_id(sensor_id: str, window_start_seq: int, state: str, partition: int, offset: int) -> str:
@@ -181,6 +184,7 @@ class ScoreRecord(BaseModel):
     calibrated_threshold: float | None = None  # error at which the calibrated score reaches the fire level
     quality: str | None = None  # lead_off, flat, saturation or noise when the signal is bad
     rhythm_score: float | None = None  # beat windows: as in AlertRecord
+    template_score: float | None = None  # beat windows: as in AlertRecord
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
