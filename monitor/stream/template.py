@@ -17,9 +17,9 @@ training: compare each beat with the patient's own dominant beat. Here:
     distance  mean |beat - T| (before the beat updates T)
     score     (log distance - location) / scale, against the sensor's own centre and spread of log
               distances (median, and the spread of the lower half: `lower_half_baseline`), learnt after
-              the template has settled (beats `settle_beats` to `warmup_beats`), floor `min_scale`; the centre then
-              follows the running median of log distances (`adapt_rate` scales a beat), since a
-              patient's beats change slowly over hours (posture, rate, respiration)
+              the template has settled (beats `settle_beats` to `warmup_beats`), floor `min_scale`; the
+              centre then follows the running median of log distances (`adapt_rate` scales a beat),
+              since a patient's beats change slowly over hours (posture, rate, respiration)
 
 The first beat seeds the template; the step starts at `first_step` and falls linearly to `step` over
 `settle_beats`, so an ectopic first beat is forgotten within the settling. Until the warm-up ends a beat
@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 
-
 __all__ = ["TemplateConfig", "TemplateState", "Template", "score_windows"]
 
 #: Distances below this are treated as this (log of zero: a beat identical to the template).
@@ -55,7 +54,7 @@ Z25 = 0.6745
 
 @dataclass(frozen=True)
 class TemplateConfig:
-    span_s: float = 0.35  # seconds of the beat compared, from the window's start (3% of R-R before its R peak)
+    span_s: float = 0.35  # seconds of the beat compared, from the window's start (2% of R-R before its R peak)
     points: int = 36  # instants they are taken at (10 ms apart)
     step: float = 0.02  # z units per beat per sample once settled: the template follows slow drift
     first_step: float = 0.3  # the step on the second beat, falling linearly to `step` over settle_beats
