@@ -334,7 +334,7 @@ def pool_recordings(results: list[dict[str, Any]], min_class_beats: int = 10) ->
     long_runs = {k: sum(s["runs_3plus"][k] for s in streams_) for k in ("runs", "alerting")}
     normal_hours = float(sum(s["normal_hours"] for s in streams_))
     aurocs: dict[str, list[float]] = {}
-    policy_aurocs: dict[str, list[float]] = {}  # of the policy's input: calibrated score (+ rhythm)
+    policy_aurocs: dict[str, list[float]] = {}  # of the policy's input: calibrated score (+ template, rhythm)
     for r in results:
         for cls, row in r["per_class"].items():
             if row["auroc_vs_normal"] is not None and row["n"] >= min_class_beats:

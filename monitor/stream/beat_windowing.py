@@ -251,10 +251,9 @@ class BeatWindower(SensorTable[_Sensor, Window]):
         self.stats.beats += 1
         start, end = int(beats.start[0]), int(beats.end[0])
         raw = span.samples[start - span.start_seq : end - span.start_seq].astype(np.float32)
-        flipped = beats.flipped is not None and bool(beats.flipped[0])
         return BeatWindow(key[0], key[1], start, beats.windows[0], first_offset, last_offset, ts, now,
                           span_end=end, r_peak_seq=span.r_peak, rr_s=float(beats.rr_s[0]), fs=s.fs, raw=raw,
-                          flipped=flipped)
+                          flipped=bool(beats.flipped[0]))
 
     def _count_dropped(self, s: _Sensor) -> None:
         dropped = s.detector.beats_dropped

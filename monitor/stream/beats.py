@@ -89,8 +89,7 @@ class Beats:
     start: IntArray  # (n,) the span [start, end) in sample indices (its real-valued ends rounded down);
     end: IntArray  # (n,) consecutive beats tile the signal when their RR intervals are equal
     rr_s: FloatArray  # (n,) R-to-next-R interval in seconds
-    #: (n,) whether each beat was negated to the convention's QRS sign (None: none was)
-    flipped: npt.NDArray[np.bool_] | None = None
+    flipped: npt.NDArray[np.bool_]  # (n,) whether each beat was negated to the convention's QRS sign
 
     def __len__(self) -> int:
         return len(self.r_peak)
@@ -98,8 +97,6 @@ class Beats:
     def recorded_windows(self) -> npt.NDArray[np.float32]:
         """The windows the way up the lead records them (the per-sensor template compares beats so: a polarity
         estimate that changes sign along a recording with a balanced QRS must not look like a change of shape)."""
-        if self.flipped is None:
-            return self.windows
         return np.where(self.flipped[:, None], -self.windows, self.windows).astype(np.float32)
 
 

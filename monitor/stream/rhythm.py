@@ -16,16 +16,16 @@ huge score), so a patient whose rate varies a lot from beat to beat (sinus arrhy
 larger jump than a regular one. The score is one-sided: a late beat (a compensatory pause, a
 missed detection) is not by itself evidence of an arrhythmia.
 
-The alert policy's input for a beat is its calibrated shape score plus `rhythm_weight` (a
-`ScorePolicyConfig` field, 0.5 by default) times its rhythm score: premature *and* abnormal
-beats (ventricular ectopy) add up, a premature beat of normal shape (atrial ectopy) counts for
-half, and a run of them fires. Why the sum at half weight: on the 48 other patients of the
-MIT-BIH Arrhythmia Database the autoencoder alone scored ventricular beats against normal ones at
-a median per-patient AUROC of 0.77 (below chance for 11 of 27 patients with ventricular ectopy),
-because a beat's window spans its R peak to the next (the ECG5000 convention): a premature beat's
-own window holds its compensatory pause. At weight 0.5 the false alerts on their normal stretches
-stayed at 0.16 per hour while the share of runs of 3+ ectopic beats covered by an alert rose from
-7% to 37% (docs/model-card.md, "Other patients").
+The alert policy's input for a beat is its shape input (the calibrated shape score, or the template
+score where larger: monitor.stream.template) plus `rhythm_weight` (a `ScorePolicyConfig` field, 0.5
+by default) times its rhythm score: premature *and* abnormal beats (ventricular ectopy) add up, a
+premature beat of normal shape (atrial ectopy) counts for half, and a run of them fires. Why the sum
+at half weight: on the 48 other patients of the MIT-BIH Arrhythmia Database the autoencoder alone
+scored ventricular beats against normal ones at a median per-patient AUROC of 0.80 (below chance for
+10 of 26 patients with ventricular ectopy), because a beat's window spans its R peak to the next (the
+ECG5000 convention): a premature beat's own window holds its compensatory pause. At weight 0.5 the
+false alerts on their normal stretches stayed at 0.16 per hour while the runs of 3+ ectopic beats
+with an alert open rose from 7 to 52 of 414 (docs/model-card.md, "Other patients").
 
 An interval longer than `max_interval_s`, or an R peak at or before the previous one (a new
 segment, a device reset), restarts the interval history; until `history` intervals are known the

@@ -100,6 +100,7 @@ class Template:
 
     def __init__(self, config: TemplateConfig | None = None) -> None:
         self.config = config or TemplateConfig()
+        self._instants = np.linspace(0.0, self.config.span_s, self.config.points)  # seconds from a window's start
 
     def update(self, state: TemplateState, window: np.ndarray, rr_s: float, good_quality: bool = True
                ) -> float | None:
@@ -122,7 +123,7 @@ class Template:
     def beat(self, window: np.ndarray, rr_s: float) -> np.ndarray:
         """The first `span_s` seconds of a window that lasts `rr_s`, at `points` instants, z-scored (float32)."""
         values = np.asarray(window, dtype=np.float64).reshape(-1)
-        at = np.linspace(0.0, self.config.span_s, self.config.points) * (len(values) / rr_s)
+        at = self._instants * (len(values) / rr_s)
         beat = np.interp(at, np.arange(len(values)), values)  # a rate over 171 bpm: the window's end repeats
         spread = float(beat.std())
         out: np.ndarray = ((beat - beat.mean()) / (spread if spread > 0 else 1.0)).astype(np.float32)
