@@ -223,3 +223,18 @@ def test_a_run_inside_an_alert_already_open_counts_as_alerting_though_not_as_det
     assert alerted_runs(s.stream, is_open) == (3, 2)
     assert alerted_runs(s.stream, is_open, warmup_beats=10) == (2, 1)
     assert event_stats(s.stream, fired(s, config)).detected == 1  # fired only within the first run
+
+
+@pytest.mark.parametrize("with_anomalies", [True, False])
+def test_the_operating_point_keeps_the_policys_fixed_parts_and_serves_the_input_it_was_chosen_on(with_anomalies):
+    from trainer.evaluate import operating_point
+
+    rng = np.random.default_rng(0)
+    labels = np.array(["1"] * 600 + (["2"] * 60 if with_anomalies else []))
+    errors = np.exp(rng.normal(0.0, 0.3, len(labels)) + 3.0 * (labels == "2"))
+    prior = Prior(0.0, 0.3, threshold=math.exp(0.5))
+    base = ScorePolicyConfig(template_weight=0.0, rhythm_weight=0.2, resolve_beats=7)
+    point = operating_point(errors, labels, "1", prior, budget_per_hour=1.0, base=base)
+    policy = ScorePolicyConfig(**point["policy"])
+    assert (policy.template_weight, policy.rhythm_weight, policy.resolve_beats) == (0.0, 0.2, 7)
+    assert point["detection_measured"] is with_anomalies and point["budget_met"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +127,8 @@ def to_markdown(report: dict[str, Any]) -> str:
 # -- the alert policy's operating point ---------------------------------------------------------------------------
 
 def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, prior: Prior, budget_per_hour: float,
-                    *, beat_period_s: float = 1.0, seed: int = 0, windows: np.ndarray | None = None
-                    ) -> dict[str, Any]:
+                    *, beat_period_s: float = 1.0, seed: int = 0, windows: np.ndarray | None = None,
+                    base: ScorePolicyConfig | None = None) -> dict[str, Any]:
     """The calibrated ScorePolicy for a false-alert budget, chosen on streams of *validation* beats
     (trainer.streams): their normal beats reshuffled into sensor-hours at one beat per `beat_period_s`, and,
     when validation holds anomalous beats (val_anomaly_fraction > 0), streams with injected runs of them.
@@ -138,10 +138,13 @@ def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, p
     its lowest fire level within the budget chosen (for one aggregate a lower level never detects less).
     When no level meets the budget, the one with the fewest false alerts is kept and `budget_met` is false.
     windows: the beats' windows when the model is served on beat windows (its policy input has the template score).
+    base: the policy's fixed parts (input weights, resolve and quality rules; default `ScorePolicyConfig()`): the
+    streams' inputs are computed with its weights and every candidate keeps them, so the point is chosen on the
+    input it will be served with.
     """
     errors, labels = np.asarray(errors, dtype=np.float64), np.asarray(labels).astype(str)
     warmup = CalibrationConfig().warmup_beats
-    calibrator = Calibrator(prior)
+    calibrator, base = Calibrator(prior), base or ScorePolicyConfig()
     minutes = 60.0
 
     def scored(runs_per_hour: float, stream_seed: int) -> list[streams.Scored]:
@@ -149,25 +152,25 @@ def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, p
                                        runs_per_hour=runs_per_hour, warmup_beats=warmup,
                                        beat_period_s=beat_period_s, normal_label=normal_label, seed=stream_seed,
                                        windows=windows)
-        return [streams.policy_input(s, calibrator, ScorePolicyConfig()) for s in made]
+        return [streams.policy_input(s, calibrator, base) for s in made]
 
     normal = scored(0, seed)
     measured = bool((labels != normal_label).any())
     if measured:
         anomalous = scored(RUNS_PER_HOUR, seed + 1)
         try:
-            config, table = streams.choose_operating_point(normal, anomalous, budget_per_hour, warmup_beats=warmup)
+            config, table = streams.choose_operating_point(normal, anomalous, budget_per_hour,
+                                                           streams.candidate_configs(base), warmup_beats=warmup)
         except ValueError:
-            config, table = _fewest_false_alerts(normal, anomalous, warmup)
+            config, table = _fewest_false_alerts(normal, anomalous, warmup, base)
     else:
-        base = ScorePolicyConfig()
         table = streams.operating_curve(normal, [], base, streams.default_levels(normal, base), warmup_beats=warmup)
         within = [r for r in table if r["false_alerts_per_hour"] <= budget_per_hour]
         best = min(within, key=lambda r: r["fire_level"]) if within else min(
             table, key=lambda r: (r["false_alerts_per_hour"], -r["fire_level"]))
         for row in table:
             row["chosen"] = row is best
-        config = ScorePolicyConfig(fire_level=best["fire_level"], resolve_level=best["resolve_level"])
+        config = replace(base, fire_level=best["fire_level"], resolve_level=best["resolve_level"])
     chosen = next(r for r in table if r.get("chosen"))
     return {"budget_per_hour": budget_per_hour, "budget_met": chosen["false_alerts_per_hour"] <= budget_per_hour,
             "detection_measured": measured, "policy": asdict(config), "chosen": _json_row(chosen),
@@ -230,18 +233,17 @@ def beat_windows(artefact: Artefact, windows: np.ndarray) -> np.ndarray | None:
     return windows if artefact.metadata.get("windowing", {}).get("kind") == "beats" else None
 
 
-def _fewest_false_alerts(normal: list[streams.Scored], anomalous: list[streams.Scored], warmup: int
-                         ) -> tuple[ScorePolicyConfig, list[dict[str, Any]]]:
+def _fewest_false_alerts(normal: list[streams.Scored], anomalous: list[streams.Scored], warmup: int,
+                         base: ScorePolicyConfig) -> tuple[ScorePolicyConfig, list[dict[str, Any]]]:
     table: list[dict[str, Any]] = []
-    for config in streams.candidate_configs():
+    for config in streams.candidate_configs(base):
         table += streams.operating_curve(normal, anomalous, config, streams.default_levels(normal, config),
                                          warmup_beats=warmup)
     best = min(table, key=lambda r: (r["false_alerts_per_hour"], -r["detection_rate"]))
     for row in table:
         row["chosen"] = row is best
-    chosen = ScorePolicyConfig(**{**asdict(ScorePolicyConfig()), "aggregate": best["aggregate"],
-                                  "fire_level": best["fire_level"], "resolve_level": best["resolve_level"],
-                                  streams.PARAM[best["aggregate"]]: best["param"]})
+    chosen = replace(base, aggregate=best["aggregate"], fire_level=best["fire_level"],
+                     resolve_level=best["resolve_level"], **{streams.PARAM[best["aggregate"]]: best["param"]})
     return chosen, table
 
 
