@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import signal as sps
 from support import at_rate
 
-from monitor.stream.beats import BeatConvention, beat_extent, estimate_polarity, segment
+from monitor.stream.beats import BeatConvention, bandpass, beat_extent, estimate_polarity, qrs_band, segment
 
 ECG5000_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "ECG5000" / "ECG5000_TRAIN.txt"
 
@@ -94,3 +95,14 @@ def test_ecg5000_has_the_conventions_polarity() -> None:
     normal = data[data[:, 0] == 1, 1:][:40]
     r_peaks = np.arange(len(normal)) * 140 + round(BeatConvention().pre_r * 140)
     assert estimate_polarity(normal.ravel(), 140.0, r_peaks) == BeatConvention().qrs_polarity == -1
+
+
+@pytest.mark.parametrize("fs", [128.0, 250.0, 360.0, 1000.0])
+def test_the_cached_band_pass_filters_bit_for_bit_as_scipys_sosfiltfilt(fs: float) -> None:
+    rng = np.random.default_rng(int(fs))
+    for band in (qrs_band(fs), bandpass(fs, BeatConvention().band_hz, BeatConvention().filter_order)):
+        for n in (band.edge + 1, 300, 4001):
+            x = np.cumsum(rng.normal(size=n))  # a wandering baseline, as ECG has
+            assert np.array_equal(band.zero_phase(x), sps.sosfiltfilt(band.sos, x))
+        with pytest.raises(ValueError, match="padlen"):
+            band.zero_phase(np.zeros(band.edge))

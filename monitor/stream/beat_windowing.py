@@ -47,14 +47,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import signal as sps
 
-from monitor.stream.beats import BeatConvention, Polarity, segment
+from monitor.stream.beats import BeatConvention, Polarity, qrs_band, segment
 from monitor.stream.rpeaks import BeatSpan, DetectorConfig, OnlineRPeakDetector
 from monitor.stream.sensor_table import SensorTable
 from monitor.stream.windowing import Segment, SensorKey, Window, WindowStats
@@ -315,7 +313,7 @@ def qrs_snippet(span: BeatSpan, fs: float) -> FloatArray:
     """The beat's QRS, 5-30 Hz (P/T waves and baseline do not vote), 60 ms either side of its R peak. Filtered
     over the beat's own slice, so it depends on that beat's samples only."""
     half = max(1, int(round(0.06 * fs)))
-    filtered = sps.sosfiltfilt(_qrs_band(fs), span.samples)
+    filtered = qrs_band(fs).zero_phase(span.samples)
     centre = span.r_peak - span.start_seq
     snippet: FloatArray = filtered[centre - half : centre + half + 1]
     return snippet
@@ -325,12 +323,6 @@ def polarity_of(snippets: list[FloatArray]) -> Polarity:
     """The dominant deflection of the median QRS (the rule of beats.estimate_polarity)."""
     median = np.median(np.stack(snippets), axis=0)
     return 1 if median.max() >= -median.min() else -1
-
-
-@lru_cache(maxsize=32)
-def _qrs_band(fs: float) -> FloatArray:
-    sos: FloatArray = sps.butter(2, [5.0, min(30.0, 0.45 * fs)], btype="bandpass", fs=fs, output="sos")
-    return sos
 
 
 def beat_fields(window: Window) -> dict[str, Any]:

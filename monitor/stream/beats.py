@@ -129,7 +129,7 @@ def segment(
     x = np.asarray(signal, dtype=np.float64)
     peaks = np.asarray(r_peaks, dtype=np.int64)
     sign = 1.0 if polarity is None or polarity == convention.qrs_polarity else -1.0
-    sos = _bandpass(fs, convention.band_hz, convention.filter_order)
+    band = bandpass(fs, convention.band_hz, convention.filter_order)
     rows: list[FloatArray] = []
     kept: list[int] = []
     for i in range(len(peaks) - 1):
@@ -139,7 +139,7 @@ def segment(
         lo, hi = beat_extent(r, nxt, fs, convention)
         if lo < offset or hi > offset + len(x):
             continue
-        rows.append(_cut(x[lo - offset : hi - offset], lo, r, nxt, sos, convention))
+        rows.append(_cut(x[lo - offset : hi - offset], lo, r, nxt, band, convention))
         kept.append(i)
     idx = np.asarray(kept, dtype=np.int64)
     r0, r1 = peaks[idx], peaks[idx + 1]
@@ -156,9 +156,9 @@ def segment(
     )
 
 
-def _cut(piece: FloatArray, lo: int, r: int, nxt: int, sos: FloatArray, convention: BeatConvention) -> FloatArray:
+def _cut(piece: FloatArray, lo: int, r: int, nxt: int, band: BandPass, convention: BeatConvention) -> FloatArray:
     """Filter one beat's own slice (sample index lo onwards), interpolate its span, normalise."""
-    filtered = sps.sosfiltfilt(sos, piece)
+    filtered = band.zero_phase(piece)
     rr = nxt - r
     # sample positions of the output, relative to the slice; endpoint excluded: the next beat starts there
     t = (r - convention.pre_r * rr - lo) + np.arange(convention.length) * (rr / convention.length)
@@ -171,12 +171,45 @@ def _cut(piece: FloatArray, lo: int, r: int, nxt: int, sos: FloatArray, conventi
     return beat
 
 
+@dataclass(frozen=True)
+class BandPass:
+    """A Butterworth band-pass as second-order sections, with what `scipy.signal.sosfiltfilt` would recompute
+    on every call: its initial conditions and its padding. Every beat is filtered on its own slice, so per beat
+    that recomputation (a linear solve per section) cost as much as the filtering itself."""
+
+    sos: FloatArray
+    zi: FloatArray  # sosfilt_zi(sos): the steady state for a unit step
+    edge: int  # samples of odd extension at each end (sosfiltfilt's default padlen)
+
+    @classmethod
+    def design(cls, fs: float, band_hz: tuple[float, float], order: int) -> BandPass:
+        low, high = band_hz
+        high = min(high, 0.45 * fs)  # a low sampling rate cannot carry the top of the band
+        sos: FloatArray = sps.butter(order, [low, high], btype="bandpass", fs=fs, output="sos")
+        taps = 2 * len(sos) + 1 - min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
+        return cls(sos, sps.sosfilt_zi(sos), 3 * taps)
+
+    def zero_phase(self, x: FloatArray) -> FloatArray:
+        """Forward-backward filtering of a 1-D signal: bit for bit `sosfiltfilt(self.sos, x)`."""
+        x = np.asarray(x, dtype=np.float64)
+        n = self.edge
+        if len(x) <= n:
+            raise ValueError(f"The length of the input vector x must be greater than padlen, which is {n}.")
+        ext = np.concatenate((2 * x[:1] - x[n:0:-1], x, 2 * x[-1:] - x[-2 : -(n + 2) : -1]))  # odd extension
+        y, _ = sps.sosfilt(self.sos, ext, zi=self.zi * ext[:1])
+        y, _ = sps.sosfilt(self.sos, y[::-1], zi=self.zi * y[-1:])
+        out: FloatArray = y[::-1][n:-n]
+        return out
+
+
 @lru_cache(maxsize=32)
-def _bandpass(fs: float, band_hz: tuple[float, float], order: int) -> FloatArray:
-    low, high = band_hz
-    high = min(high, 0.45 * fs)  # a low sampling rate cannot carry the top of the band
-    sos: FloatArray = sps.butter(order, [low, high], btype="bandpass", fs=fs, output="sos")
-    return sos
+def bandpass(fs: float, band_hz: tuple[float, float], order: int) -> BandPass:
+    return BandPass.design(fs, band_hz, order)
+
+
+def qrs_band(fs: float) -> BandPass:
+    """5-30 Hz, where the QRS decides a lead's polarity: P and T waves and the baseline do not vote."""
+    return bandpass(fs, (5.0, 30.0), 2)
 
 
 def estimate_polarity(
@@ -198,9 +231,8 @@ def estimate_polarity(
     peaks = peaks[(peaks >= half) & (peaks + half < len(x))]
     if len(peaks) == 0:
         raise ValueError("no complete QRS complex to estimate the polarity from")
-    sos = _bandpass(fs, (5.0, 30.0), 2)  # QRS band: P/T waves and baseline do not vote
     lo, hi = int(peaks[0]) - half, int(peaks[-1]) + half + 1
-    filtered = sps.sosfiltfilt(sos, x[lo:hi])
+    filtered = qrs_band(fs).zero_phase(x[lo:hi])
     qrs = np.stack([filtered[p - lo - half : p - lo + half + 1] for p in peaks])
     median = np.median(qrs, axis=0)
     return 1 if median.max() >= -median.min() else -1
