@@ -171,7 +171,7 @@ def _cut(piece: FloatArray, lo: int, r: int, nxt: int, band: BandPass, conventio
     return beat
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: compared and hashed by identity
 class BandPass:
     """A Butterworth band-pass as second-order sections, with what `scipy.signal.sosfiltfilt` would recompute
     on every call: its initial conditions and its padding. Every beat is filtered on its own slice, so per beat
