@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -177,3 +178,17 @@ def test_invalid_policy_configs_are_refused():
         ScorePolicyConfig(fire_level=1, resolve_level=2)
     with pytest.raises(ValueError):
         ScorePolicyConfig(aggregate="max")
+
+
+def test_a_beats_input_is_its_shape_raised_to_the_weighted_template_plus_the_weighted_rhythm():
+    """One rule for the daemon's floats and the trainer's arrays: a template still learning (None / NaN) and a
+    window without rhythm leave the shape score alone."""
+    config = ScorePolicyConfig(template_weight=0.5, rhythm_weight=0.25)
+    assert config.beat_input(1.0) == 1.0
+    assert config.beat_input(1.0, template=4.0) == 2.0  # 0.5 x 4 beats the shape score
+    assert config.beat_input(3.0, template=4.0, rhythm=2.0) == 3.5
+    assert config.beat_input(1.0, template=float("nan"), rhythm=None) == 1.0
+    shape, template, rhythm = np.array([1.0, 3.0, 1.0]), np.array([4.0, 4.0, np.nan]), np.array([0.0, 2.0, 4.0])
+    arrays = config.beat_input(shape, template, rhythm)
+    assert arrays.tolist() == [config.beat_input(*row) for row in zip(shape, template, rhythm, strict=True)]
+    assert ScorePolicyConfig(template_weight=0.0, rhythm_weight=0.0).beat_input(shape, template, rhythm) is shape

@@ -574,22 +574,9 @@ def run_policy(streams: Sequence[Stream], prior: Prior, calibration: Calibration
 
 
 def policy_input(stream: Stream, calibrator: Calibrator, config: ScorePolicyConfig) -> Scored:
-    """What the daemon feeds the policy for each beat: the calibrated shape score, for beat windows the larger of
-    it and `config.template_weight` x the template score, plus `config.rhythm_weight` x the rhythm score (ECG5000
+    """What the daemon feeds the policy for each beat (`ScorePolicyConfig.beat_input`): the calibrated shape score,
+    for beat windows raised to the template score at its weight, plus the rhythm score at its weight (ECG5000
     streams, one beat a second, have none)."""
-    return with_rhythm(with_template(calibrate(stream, calibrator), config.template_weight), config.rhythm_weight)
-
-
-def with_template(scored: Scored, weight: float) -> Scored:
-    """Calibrated scores raised to weight x each beat's template score (monitor.stream.template), where the stream
-    has them."""
-    if weight == 0 or scored.stream.template_scores is None:
-        return scored
-    return replace(scored, scores=np.fmax(scored.scores, weight * scored.stream.template_scores))  # NaN: none yet
-
-
-def with_rhythm(scored: Scored, weight: float) -> Scored:
-    """Scores + weight x the rhythm score of each beat (monitor.stream.rhythm)."""
-    if weight == 0 or len(scored.scores) == 0:
-        return scored
-    return replace(scored, scores=scored.scores + weight * rhythm.score_times(scored.stream.times_s))
+    scored = calibrate(stream, calibrator)
+    beats = rhythm.score_times(stream.times_s) if config.rhythm_weight and len(stream) else None
+    return replace(scored, scores=config.beat_input(scored.scores, stream.template_scores, beats))

@@ -142,8 +142,7 @@ class SensorStates:
         rhythm = None if beat is None else self.rhythm.update(sensor.rhythm, beat.r_peak_s, good_quality)
         template = None if beat is None or beat.values is None or config.template_weight == 0 else \
             self.template.update(sensor.template, beat.values, beat.rr_s, good_quality)
-        shape = calibrated.score if template is None else max(calibrated.score, config.template_weight * template)
-        score = shape + config.rhythm_weight * (rhythm or 0.0)
+        score = float(config.beat_input(calibrated.score, template, rhythm))
         transitions = self.policy.observe(key, score, calibrating=calibrated.calibrating,
                                           gross=calibrated.gross, good_quality=good_quality)
         self._dirty.add(key)

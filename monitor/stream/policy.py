@@ -28,9 +28,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from monitor.stream.windowing import SensorKey
+
+Score = TypeVar("Score", float, np.ndarray)
 
 FIRING, RESOLVED = "firing", "resolved"
 
@@ -188,6 +192,16 @@ class ScorePolicyConfig:
                 or self.quality_bad_beats > self.quality_window or not 0 < self.alpha <= 1 or self.rhythm_weight < 0 \
                 or self.template_weight < 0:
             raise ValueError(f"invalid policy config {self}")
+
+    def beat_input(self, shape: Score, template: Score | None = None, rhythm: Score | None = None) -> Score:
+        """The policy's input for a window: its calibrated shape score, raised to template_weight x its template
+        score where it has one (None or NaN: the template still learns), plus rhythm_weight x its rhythm score.
+        One beat's floats in the daemon, or a stream's arrays in the trainer (trainer.streams.policy_input)."""
+        if template is not None and self.template_weight:
+            shape = np.fmax(shape, self.template_weight * template)
+        if rhythm is not None and self.rhythm_weight:
+            shape = shape + self.rhythm_weight * rhythm
+        return shape
 
 
 @dataclass
