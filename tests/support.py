@@ -48,6 +48,12 @@ def load_ecg5000(data_dir: Path, files: tuple[str, ...] = ("TEST",)) -> tuple[np
     return table[:, 1:].astype(np.float32), table[:, 0].astype(int)
 
 
+def usual_beat(length: int = 140) -> np.ndarray:
+    """A synthetic beat window: a sharp QRS near its start and a wide T wave, the shape a template learns."""
+    t = np.linspace(0, 1, length)
+    return np.exp(-0.5 * ((t - 0.1) / 0.02) ** 2) + 0.3 * np.exp(-0.5 * ((t - 0.4) / 0.06) ** 2)
+
+
 def at_rate(record: tuple[np.ndarray, np.ndarray], fs: int,
             seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The conftest `record_100` fixture's (signal, beat samples) at 360 Hz, cut to its first `seconds`

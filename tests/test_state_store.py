@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from kafka.errors import KafkaTimeoutError
 from fakes import FakeClock, FakeConsumer, FakeProducer, FakeScorer
+from support import usual_beat
 from prometheus_client import CollectorRegistry
 
 from monitor.daemon.loop import Monitor
@@ -337,8 +338,7 @@ def test_a_beat_sensors_template_raises_the_policy_input_and_survives_a_restore(
     takes the larger of it and the calibrated shape score, and the template comes back from the changelog bit
     for bit."""
     rng = np.random.default_rng(6)
-    t = np.linspace(0, 1, 140)
-    usual = np.exp(-0.5 * ((t - 0.1) / 0.02) ** 2) + 0.3 * np.exp(-0.5 * ((t - 0.4) / 0.06) ** 2)
+    usual = usual_beat()
     windows = [usual + rng.normal(0, 0.03, 140) for _ in range(300)]
     odd = 280
     windows[odd] = -usual  # upside down: the shape score (errs) does not see it, the template does

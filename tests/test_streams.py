@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from support import usual_beat
 
 from monitor.daemon.state_store import BeatInfo, SensorStates
 from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
@@ -181,8 +182,7 @@ def test_beat_windows_raise_the_policy_input_to_the_template_score_as_the_daemon
     """ECG5000 streams built with their beat windows carry each beat's template score (monitor.stream.template);
     the policy input is the larger of it and the calibrated shape score, and the same as the daemon's."""
     rng = np.random.default_rng(0)
-    t = np.linspace(0, 1, 140)
-    usual = np.exp(-0.5 * ((t - 0.1) / 0.02) ** 2) + 0.3 * np.exp(-0.5 * ((t - 0.4) / 0.06) ** 2)
+    usual = usual_beat()
     windows = np.stack([usual + rng.normal(0, 0.03, 140) for _ in range(60)] + [-usual] * 20)[:, :, None]
     errors = np.exp(rng.normal(math.log(0.1), 0.1, 80))  # the shape score cannot tell the classes apart
     labels = np.array(["1"] * 60 + ["2"] * 20)
