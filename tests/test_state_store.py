@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -314,16 +315,18 @@ def test_a_beat_sensors_rhythm_feeds_the_policy_and_survives_a_restore():
     errs = errors(400)
 
     def beats(states: SensorStates, rows: range) -> list:
-        return [states.apply((0, "b"), 10 * i, i, errs[i], True, BeatInfo(float(r_peaks[i]), 0.8, None)) for i in rows]
+        return [states.apply((0, "b"), 10 * i, i, errs[i], True, BeatInfo(float(r_peaks[i]), 0.8, usual_beat()))
+                for i in rows]
 
-    original = make_states()
+    no_template = ScorePolicyConfig(template_weight=0.0)  # the rhythm alone (every beat has the same shape)
+    original = make_states(policy=no_template)
     first = beats(original, range(200))
     assert all(o.rhythm_score == 0 for o in first[:150])  # the rhythm's warm-up
-    copy = restored_from(original)
+    copy = restored_from(original, policy=no_template)
     rest = beats(original, range(200, 400))
     assert beats(copy, range(200, 400)) == rest
     assert rest[premature - 200].rhythm_score > 5 and max(o.rhythm_score for o in rest[101:]) < 3
-    shape_only, default = make_states(policy=ScorePolicyConfig(rhythm_weight=0.0)), make_states()
+    shape_only, default = make_states(policy=replace(no_template, rhythm_weight=0.0)), make_states(policy=no_template)
     beats(shape_only, range(premature + 1))
     upto = beats(default, range(premature + 1))
     window = ScorePolicyConfig().window  # the aggregate is the mean of the last `window` inputs

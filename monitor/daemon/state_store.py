@@ -86,7 +86,7 @@ class BeatInfo(NamedTuple):
 
     r_peak_s: float
     rr_s: float
-    values: np.ndarray | None  # None: no template score
+    values: np.ndarray
 
 
 class Outcome(NamedTuple):
@@ -140,7 +140,7 @@ class SensorStates:
         calibrated = self.calibrator.update(sensor.calibration, error, good_quality)
         config = self.policy.config
         rhythm = None if beat is None else self.rhythm.update(sensor.rhythm, beat.r_peak_s, good_quality)
-        template = None if beat is None or beat.values is None or config.template_weight == 0 else \
+        template = None if beat is None or config.template_weight == 0 else \
             self.template.update(sensor.template, beat.values, beat.rr_s, good_quality)
         score = float(config.beat_input(calibrated.score, template, rhythm))
         transitions = self.policy.observe(key, score, calibrating=calibrated.calibrating,
