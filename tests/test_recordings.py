@@ -146,6 +146,8 @@ def test_the_report_has_the_operating_curve_as_table_and_plot(fitted):
     point = report["operating_point"]
     assert point["budget_met"] and point["chosen"]["false_alerts_per_hour"] <= 1.0
     assert len(point["curve"]) > 5 and point["validation_streams"]["sensor_hours"] >= 10
+    (recording,) = point["validation_streams"]["recordings"]  # its streams: that patient at his own rate
+    assert recording["name"] == "ex100:MLII" and 0.7 < recording["beat_period_s"] < 0.95
     assert "## Alert policy operating point" in (report_dir / "report.md").read_text()
     assert (report_dir / "operating_curve.png").stat().st_size > 0
 

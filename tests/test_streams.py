@@ -238,3 +238,35 @@ def test_the_operating_point_keeps_the_policys_fixed_parts_and_serves_the_input_
     policy = ScorePolicyConfig(**point["policy"])
     assert (policy.template_weight, policy.rhythm_weight, policy.resolve_beats) == (0.0, 0.2, 7)
     assert point["detection_measured"] is with_anomalies and point["budget_met"]
+
+
+def test_validation_streams_of_recordings_keep_one_patient_per_sensor():
+    """Beats of two recordings: patient b's normal beats reconstruct as badly as patient a's ventricular ones.
+    Reshuffled together, a's ventricular beats hide among b's normal ones; streamed one patient per sensor, as
+    the daemon sees them, each sensor calibrates to its own patient and the runs are found."""
+    from trainer.data import BeatOrigin
+    from trainer.evaluate import operating_point
+
+    rng = np.random.default_rng(0)
+    labels = np.array((["N"] * 400 + ["V"] * 40) * 2)
+    recording = np.repeat([0, 1], 440)
+    errors = np.exp(1.5 * recording + rng.normal(0.0, 0.2, len(labels)) + 1.5 * (labels == "V"))
+    origin = BeatOrigin(recording, ("a", "b"), np.where(recording == 0, 0.8, 0.6), np.zeros(len(labels), bool))
+    prior, base = Prior(0.75, 0.5, threshold=math.exp(1.5)), ScorePolicyConfig(template_weight=0.0, rhythm_weight=0.0)
+    pooled = operating_point(errors, labels, "N", prior, 1.0, base=base)
+    per_patient = operating_point(errors, labels, "N", prior, 1.0, base=base, origin=origin)
+    assert per_patient["budget_met"] and pooled["budget_met"]
+    assert per_patient["chosen"]["detection_rate"] > pooled["chosen"]["detection_rate"] + 0.2
+    described = per_patient["validation_streams"]
+    assert [(r["name"], r["beat_period_s"], r["sensor_hours"]) for r in described["recordings"]] == [
+        ("a", 0.8, 10.0), ("b", 0.6, 10.0)]
+    assert "recordings" not in pooled["validation_streams"]
+
+
+def test_a_beats_origin_turns_its_windows_back_the_way_up_the_lead_records_them():
+    from trainer.data import BeatOrigin
+
+    origin = BeatOrigin(np.array([0, 0, 1]), ("a", "b"), np.array([0.8, 0.8, 0.6]), np.array([False, True, True]))
+    windows = np.arange(12.0).reshape(3, 4, 1)
+    assert origin.recorded(windows)[:, :, 0].tolist() == [[0, 1, 2, 3], [-4, -5, -6, -7], [-8, -9, -10, -11]]
+    assert origin.take(np.array([2])).names == ("a", "b") and origin.take(np.array([2])).rr_s.tolist() == [0.6]

@@ -30,13 +30,37 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class BeatOrigin:
+    """Where each beat of a Dataset cut from recordings came from, so validation streams can be made of one
+    patient each, at his own rate, with his beats the way up his lead records them (the template score
+    compares them so in the daemon)."""
+
+    recording: np.ndarray  # (n,) int, index into `names`
+    names: tuple[str, ...]
+    rr_s: np.ndarray  # (n,) the beat's R-R interval
+    flipped: np.ndarray  # (n,) bool: negated to the convention's QRS sign for the model
+
+    def take(self, rows: np.ndarray) -> BeatOrigin:
+        return BeatOrigin(self.recording[rows], self.names, self.rr_s[rows], self.flipped[rows])
+
+    def recorded(self, windows: np.ndarray) -> np.ndarray:
+        """`windows` (these beats, in the model's orientation) the way up the lead records them."""
+        sign = np.where(self.flipped, -1.0, 1.0).reshape(-1, *([1] * (windows.ndim - 1)))
+        return windows * sign
+
+
+@dataclass(frozen=True)
 class Dataset:
     windows: np.ndarray  # (n, window_length, n_features) float64
     labels: np.ndarray  # (n,) str; all equal to the normal label when the source has none
     source: str
     digest: str
-    #: seconds between consecutive windows when they are streamed as beats (recordings: their median RR)
-    beat_period_s: float = 1.0
+    origin: BeatOrigin | None = None  # beats cut from recordings; None for windows (ECG5000, tables)
+
+    def take(self, rows: np.ndarray, source: str) -> Dataset:
+        """A subset of the rows, under a new source description (the digest stays the whole data's)."""
+        origin = None if self.origin is None else self.origin.take(rows)
+        return Dataset(self.windows[rows], self.labels[rows], source, self.digest, origin)
 
     @property
     def window_length(self) -> int:

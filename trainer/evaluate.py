@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
 from monitor.stream.policy import ScorePolicyConfig
 from trainer import streams
 from trainer import data as data_mod
-from trainer.data import ECG5000_CLASSES
+from trainer.data import ECG5000_CLASSES, BeatOrigin
 from trainer.recordings import AAMI_NAMES, NORMAL, UNMATCHED, RecordingBeats, rpeak_accuracy
 from trainer.split import split
 
@@ -128,7 +128,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, prior: Prior, budget_per_hour: float,
                     *, beat_period_s: float = 1.0, seed: int = 0, windows: np.ndarray | None = None,
-                    base: ScorePolicyConfig | None = None) -> dict[str, Any]:
+                    base: ScorePolicyConfig | None = None, origin: BeatOrigin | None = None) -> dict[str, Any]:
     """The calibrated ScorePolicy for a false-alert budget, chosen on streams of *validation* beats
     (trainer.streams): their normal beats reshuffled into sensor-hours at one beat per `beat_period_s`, and,
     when validation holds anomalous beats (val_anomaly_fraction > 0), streams with injected runs of them.
@@ -141,23 +141,32 @@ def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, p
     base: the policy's fixed parts (input weights, resolve and quality rules; default `ScorePolicyConfig()`): the
     streams' inputs are computed with its weights and every candidate keeps them, so the point is chosen on the
     input it will be served with.
+    origin: beats cut from recordings (`Dataset.origin` of these rows; their windows are then read from it): each
+    recording makes its own streams, as one sensor is one patient in the daemon, at its median R-R interval and
+    with its beats the way up its lead records them (the template score's view); the sensor-hours are shared
+    among the recordings, at least one each.
     """
     errors, labels = np.asarray(errors, dtype=np.float64), np.asarray(labels).astype(str)
     warmup = CalibrationConfig().warmup_beats
     calibrator, base = Calibrator(prior), base or ScorePolicyConfig()
     minutes = 60.0
+    pools = _stream_pools(labels, normal_label, beat_period_s, windows, origin)
+    with_runs = [p for p in pools if (labels[p.rows] != normal_label).any()]
 
-    def scored(runs_per_hour: float, stream_seed: int) -> list[streams.Scored]:
-        made = streams.ecg5000_streams(errors, labels, n_streams=VALIDATION_SENSOR_HOURS, minutes=minutes,
-                                       runs_per_hour=runs_per_hour, warmup_beats=warmup,
-                                       beat_period_s=beat_period_s, normal_label=normal_label, seed=stream_seed,
-                                       windows=windows)
-        return [streams.policy_input(s, calibrator, base) for s in made]
+    def scored(chosen: list[_Pool], runs_per_hour: float, stream_seed: int) -> list[streams.Scored]:
+        out = []
+        for pool in chosen:
+            made = streams.ecg5000_streams(errors[pool.rows], labels[pool.rows], n_streams=pool.sensors,
+                                           minutes=minutes, runs_per_hour=runs_per_hour, warmup_beats=warmup,
+                                           beat_period_s=pool.beat_period_s, normal_label=normal_label,
+                                           seed=stream_seed + 1000 * pool.index, windows=pool.windows)
+            out += [streams.policy_input(s, calibrator, base) for s in made]
+        return out
 
-    normal = scored(0, seed)
-    measured = bool((labels != normal_label).any())
+    normal = scored(pools, 0, seed)
+    measured = bool(with_runs)
     if measured:
-        anomalous = scored(RUNS_PER_HOUR, seed + 1)
+        anomalous = scored(with_runs, RUNS_PER_HOUR, seed + 1)
         try:
             config, table = streams.choose_operating_point(normal, anomalous, budget_per_hour,
                                                            streams.candidate_configs(base), warmup_beats=warmup)
@@ -172,15 +181,47 @@ def operating_point(errors: np.ndarray, labels: np.ndarray, normal_label: str, p
             row["chosen"] = row is best
         config = replace(base, fire_level=best["fire_level"], resolve_level=best["resolve_level"])
     chosen = next(r for r in table if r.get("chosen"))
+    described: dict[str, Any] = {
+        "sensor_hours": sum(p.sensors for p in pools) * minutes / 60, "with_runs": sum(p.sensors for p in with_runs),
+        "runs_per_hour": RUNS_PER_HOUR if measured else 0,
+        "beat_period_s": float(np.median([p.beat_period_s for p in pools])), "warmup_beats": warmup,
+        "normal_beats": int((labels == normal_label).sum()), "anomalous_beats": int((labels != normal_label).sum())}
+    if origin is not None:
+        described["recordings"] = [{"name": p.name, "sensor_hours": p.sensors * minutes / 60,
+                                    "beat_period_s": p.beat_period_s,
+                                    "normal_beats": int((labels[p.rows] == normal_label).sum()),
+                                    "anomalous_beats": int((labels[p.rows] != normal_label).sum())} for p in pools]
     return {"budget_per_hour": budget_per_hour, "budget_met": chosen["false_alerts_per_hour"] <= budget_per_hour,
             "detection_measured": measured, "policy": asdict(config), "chosen": _json_row(chosen),
-            "curve": [_json_row(r) for r in table],
-            "validation_streams": {"sensor_hours": VALIDATION_SENSOR_HOURS * minutes / 60,
-                                   "with_runs": VALIDATION_SENSOR_HOURS if measured else 0,
-                                   "runs_per_hour": RUNS_PER_HOUR if measured else 0,
-                                   "beat_period_s": beat_period_s, "warmup_beats": warmup,
-                                   "normal_beats": int((labels == normal_label).sum()),
-                                   "anomalous_beats": int((labels != normal_label).sum())}}
+            "curve": [_json_row(r) for r in table], "validation_streams": described}
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """Validation beats that make streams together (one patient): rows, streams, beat period, windows."""
+
+    index: int
+    name: str
+    rows: np.ndarray
+    sensors: int
+    beat_period_s: float
+    windows: np.ndarray | None
+
+
+def _stream_pools(labels: np.ndarray, normal_label: str, beat_period_s: float, windows: np.ndarray | None,
+                  origin: BeatOrigin | None) -> list[_Pool]:
+    """One pool of every row (windows, ECG5000), or one per recording with normal validation beats."""
+    if origin is None:
+        return [_Pool(0, "all", np.arange(len(labels)), VALIDATION_SENSOR_HOURS, beat_period_s, windows)]
+    recorded = origin.recorded(windows) if windows is not None else None
+    present = [r for r in range(len(origin.names)) if (labels[origin.recording == r] == normal_label).any()]
+    sensors = max(1, round(VALIDATION_SENSOR_HOURS / max(1, len(present))))
+    pools = []
+    for r in present:
+        rows = np.flatnonzero(origin.recording == r)
+        pools.append(_Pool(r, origin.names[r], rows, sensors, float(np.median(origin.rr_s[rows])),
+                           None if recorded is None else recorded[rows]))
+    return pools
 
 
 #: Held-out test streams (`stream_figures`): sensor-hours of each kind per seed, and the seeds.
@@ -257,6 +298,8 @@ def operating_markdown(point: dict[str, Any]) -> list[str]:
     budget = point["budget_per_hour"]
     lines = ["", "## Alert policy operating point", "",
              f"Validation streams only ({point['validation_streams']['sensor_hours']:g} sensor-hours of normal beats"
+             + (f" of {len(point['validation_streams']['recordings'])} recording(s), one per sensor"
+                if "recordings" in point["validation_streams"] else "")
              + (f", {point['validation_streams']['with_runs']} with {point['validation_streams']['runs_per_hour']:g} "
                 "injected anomalous runs per hour" if point["detection_measured"] else
                 "; no anomalous validation beats, so detection is not measured: set val_anomaly_fraction")

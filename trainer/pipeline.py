@@ -89,9 +89,7 @@ def load_split(settings: TrainerSettings | None = None, **overrides: Any) -> Spl
     dataset = load_dataset(s)
     if s.limit is not None and s.limit < len(dataset.labels):
         rows = np.sort(np.random.default_rng(s.seed).choice(len(dataset.labels), s.limit, replace=False))
-        dataset = data_mod.Dataset(dataset.windows[rows], dataset.labels[rows],
-                                   f"{dataset.source} (random {s.limit} of {len(dataset.labels)}, seed {s.seed})",
-                                   dataset.digest, dataset.beat_period_s)
+        dataset = dataset.take(rows, f"{dataset.source} (random {s.limit} of {len(dataset.labels)}, seed {s.seed})")
     try:
         return split(dataset, s.normal_label, s.seed, s.val_fraction, s.test_fraction, s.val_anomaly_fraction)
     except ValueError as exc:
@@ -131,10 +129,11 @@ def _fit_model(s: TrainerSettings, dataset: SplitData | None) -> FitOutcome:
         value=s.threshold_value, anomalous=labelled)
     test_metrics, test_errors = evaluate(scorer, test.windows, test.labels, s.normal_label)
     validation_errors = error_stats(val_errors[val.normal])
+    origin = split_data.dataset.origin
     point = operating_point(val_errors, val.labels, s.normal_label,
-                            Prior.from_stats(validation_errors, artefact.threshold), s.false_alert_budget,
-                            beat_period_s=split_data.dataset.beat_period_s, seed=s.seed,
-                            windows=val.windows if is_recording(s) else None)
+                            Prior.from_stats(validation_errors, artefact.threshold), s.false_alert_budget, seed=s.seed,
+                            windows=None if origin is None else val.windows,
+                            origin=None if origin is None else origin.take(val.indices))
 
     report: dict[str, Any] = {
         "model_version": artefact.model_version,

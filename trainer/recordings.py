@@ -26,7 +26,7 @@ from monitor.stream.beat_windowing import BeatWindow, BeatWindower
 from monitor.stream.beats import BeatConvention, Beats, Polarity, estimate_polarity
 from monitor.stream.rpeaks import OnlineRPeakDetector
 from monitor.stream.wire import InputRecord
-from trainer.data import DataError, Dataset, digest
+from trainer.data import BeatOrigin, DataError, Dataset, digest
 from trainer.streams import AAMI  # MIT-BIH beat symbol -> AAMI class; other symbols are not beats
 
 AAMI_NAMES = {"N": "normal", "S": "supraventricular ectopic", "V": "ventricular ectopic", "F": "fusion",
@@ -245,16 +245,15 @@ def rpeak_accuracy(cut_beats: RecordingBeats) -> dict[str, float | int]:
 def to_dataset(cuts: list[RecordingBeats], convention: BeatConvention) -> Dataset:
     """Beat windows (n, length, 1) and labels: AAMI classes where annotated (UNMATCHED beats dropped: they
     are no reference beat), all normal otherwise. The digest covers the windows, labels and convention."""
-    windows, labels = [], []
-    for c in cuts:
-        keep = c.labels != UNMATCHED
-        windows.append(c.beats.windows[keep])
-        labels.append(c.labels[keep])
-    x = np.concatenate(windows).astype(np.float64)[:, :, None] if windows else np.empty((0, convention.length, 1))
-    y = np.concatenate(labels).astype(object) if labels else np.empty(0, dtype=object)
-    if len(x) == 0:
+    kept = [c.labels != UNMATCHED for c in cuts]
+    if not any(k.any() for k in kept):
         raise DataError("no beats cut from the recordings")
+    x = np.concatenate([c.beats.windows[k] for c, k in zip(cuts, kept, strict=True)]).astype(np.float64)[:, :, None]
+    y = np.concatenate([c.labels[k] for c, k in zip(cuts, kept, strict=True)]).astype(object)
+    origin = BeatOrigin(np.concatenate([np.full(k.sum(), i) for i, k in enumerate(kept)]).astype(np.int64),
+                        tuple(c.recording.name for c in cuts),
+                        np.concatenate([c.beats.rr_s[k] for c, k in zip(cuts, kept, strict=True)]),
+                        np.concatenate([c.beats.flipped[k] for c, k in zip(cuts, kept, strict=True)]))
     source = ", ".join(f"{c.recording.name} ({c.recording.fs:g} Hz, {c.recording.duration_s / 60:.1f} min)"
                        for c in cuts)
-    rr = np.concatenate([c.beats.rr_s for c in cuts])
-    return Dataset(x, y, f"beats of {source}", digest(x, y), float(np.median(rr)))
+    return Dataset(x, y, f"beats of {source}", digest(x, y), origin)
