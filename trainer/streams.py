@@ -578,5 +578,5 @@ def policy_input(stream: Stream, calibrator: Calibrator, config: ScorePolicyConf
     for beat windows raised to the template score at its weight, plus the rhythm score at its weight (ECG5000
     streams, one beat a second, have none)."""
     scored = calibrate(stream, calibrator)
-    beats = rhythm.score_times(stream.times_s) if config.rhythm_weight and len(stream) else None
-    return replace(scored, scores=config.beat_input(scored.scores, stream.template_scores, beats))
+    prematurity = rhythm.score_times(stream.times_s) if config.rhythm_weight and len(stream) else None
+    return replace(scored, scores=config.beat_input(scored.scores, stream.template_scores, prematurity))
