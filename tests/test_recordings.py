@@ -167,6 +167,20 @@ def test_evaluate_on_record_100_gives_per_class_figures_and_r_peak_accuracy(fitt
     assert stream["runs"] >= 1 and "S" in stream["per_beat_auroc"]
 
 
+def test_a_database_folder_may_link_its_records_in(excerpt, tmp_path):
+    """Records linked into the folder are read (Path.rglob skips links before Python 3.13); a link back up the
+    tree is not followed round."""
+    store, database = tmp_path / "store" / "rec", tmp_path / "db"
+    store.mkdir(parents=True)
+    database.mkdir()
+    for suffix in (".hea", ".dat", ".atr"):
+        (store / ("ex100" + suffix)).write_bytes(excerpt.with_suffix(suffix).read_bytes())
+    (database / "rec").symlink_to(store, target_is_directory=True)
+    (database / "loop").symlink_to(database, target_is_directory=True)
+    assert recordings.is_recording(database)
+    assert [r.name for r in recordings.read(database)] == ["ex100:MLII"]
+
+
 def test_evaluate_on_a_database_pools_the_patients_figures(fitted, excerpt, tmp_path, capsys):
     """One folder per record (as mirrors of PhysioNet databases hold them): every record is read, and the
     pooled figures are the per-recording ones summed, with the per-patient AUROC spread."""

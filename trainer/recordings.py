@@ -14,6 +14,7 @@ annotations every beat is labelled normal.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def is_recording(path: Path | None, fs: float | None = None) -> bool:
     if path is None:
         return False
     path = Path(path)
-    if path.suffix.lower() == ".hea" or (path.is_dir() and any(path.rglob("*.hea"))):
+    if path.suffix.lower() == ".hea" or (path.is_dir() and bool(wfdb_headers(path))):
         return True
     return fs is not None and path.suffix.lower() in SIGNAL_SUFFIXES
 
@@ -91,7 +92,7 @@ def read(path: Path, *, fs: float | None = None, lead: str | None = None) -> lis
     as PhysioNet serves it, or one folder per record), or a signal file."""
     path = Path(path)
     if path.is_dir():
-        headers = sorted(path.rglob("*.hea"))
+        headers = wfdb_headers(path)
         if not headers:
             raise DataError(f"{path}: no WFDB records (.hea) in this directory")
         return [read_wfdb(h, lead) for h in headers]
@@ -104,6 +105,20 @@ def read(path: Path, *, fs: float | None = None, lead: str | None = None) -> lis
             raise DataError(f"{path}: a signal file needs its sampling rate: --fs (TRAINER_FS)")
         return [read_signal(path, fs, lead)]
     raise DataError(f"{path}: not a recording (expected .hea, a directory of WFDB records, .csv, .parquet or .npy)")
+
+
+def wfdb_headers(directory: Path) -> list[Path]:
+    """Every WFDB header (.hea) under `directory`, sorted, following linked folders (a database is often linked
+    in rather than copied; Path.rglob skips links before Python 3.13), each real folder once."""
+    seen, found = set(), []
+    for root, folders, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree
+            folders.clear()
+            continue
+        seen.add(real)
+        found += [Path(root) / name for name in files if name.lower().endswith(".hea")]
+    return sorted(found)
 
 
 def read_wfdb(header: Path, lead: str | None = None) -> Recording:
