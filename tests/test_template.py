@@ -114,3 +114,56 @@ def test_invalid_configs_are_refused():
         TemplateConfig(step=0)
     with pytest.raises(ValueError):
         TemplateConfig(settle_beats=150, warmup_beats=150)
+
+
+def frequent_ectopy(n: int, seed: int, share: float = 1 / 3) -> tuple[np.ndarray, np.ndarray]:
+    """Beat windows and their R-R intervals: `share` of the beats ectopic (here a late extra wave, moderately unlike
+    the usual beat), each ending in a compensatory pause (1.1 s) and cutting the beat before it short (0.5 s: the
+    same waves in seconds); the usual beats 0.8 s apart."""
+    rng = np.random.default_rng(seed)
+    windows, rr = beats(NORMAL, n, seed=seed), np.full(n, RR)
+    ectopic = np.flatnonzero(rng.random(n) < share)
+    ectopic = ectopic[(ectopic > 1) & (np.diff(ectopic, prepend=-2) > 1)]  # none right after another
+    windows[ectopic] = beats(zscore(NORMAL + bump(0.12, 0.04, 0.5)), len(ectopic), seed=seed + 1)
+    cut_short = zscore(np.interp(T * 0.5 / RR, T, NORMAL))
+    windows[ectopic - 1] = beats(cut_short, len(ectopic), seed=seed + 2)
+    rr[ectopic], rr[ectopic - 1] = 1.1, 0.5
+    return windows, rr
+
+
+def learnt_baseline(windows: np.ndarray, rr: np.ndarray, config: TemplateConfig = CONFIG) -> TemplateState:
+    template, state = Template(config), TemplateState()
+    for w, r in zip(windows, rr, strict=True):
+        template.update(state, w, float(r))
+    assert not template.calibrating(state)
+    return state
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_ectopic_beats_in_the_warm_up_do_not_set_the_baseline(seed: int):
+    """The baseline comes from the regular beats (R-R near the median). Learnt from every beat, with a third of
+    the warm-up ectopic, the median lies among the ectopic beats' distances and the centre starts higher, so later
+    ectopic beats score lower; a regular rhythm learns the same baseline either way."""
+    every_beat, n = TemplateConfig(regular_rr=math.inf), CONFIG.warmup_beats
+    windows, rr = frequent_ectopy(2 * n, seed)
+    warm = windows[:n], rr[:n]
+    assert learnt_baseline(*warm).location < learnt_baseline(*warm, every_beat).location - 0.04
+    late_ectopic = np.flatnonzero(rr == 1.1)[np.flatnonzero(rr == 1.1) >= n]
+    regular, every = score_windows(windows, rr), score_windows(windows, rr, config=every_beat)
+    assert np.median(regular[late_ectopic]) > np.median(every[late_ectopic])
+    usual = beats(NORMAL, n, seed=seed), np.full(n, RR)
+    assert learnt_baseline(*usual).to_dict() == learnt_baseline(*usual, every_beat).to_dict()
+
+
+def test_a_state_written_without_the_warm_ups_intervals_counts_its_beats_as_regular():
+    windows, rr = frequent_ectopy(CONFIG.warmup_beats, seed=8)
+    template, state = Template(), TemplateState()
+    for w, r in zip(windows[:100], rr[:100], strict=True):
+        template.update(state, w, float(r))
+    old = state.to_dict()
+    del old["warmup_rr"]
+    restored = TemplateState.from_dict(old)
+    assert len(restored.warmup_rr) == len(restored.warmup) and all(math.isnan(x) for x in restored.warmup_rr)
+    for w, r in zip(windows[100:], rr[100:], strict=True):
+        template.update(restored, w, float(r))
+    assert not template.calibrating(restored) and restored.scale >= CONFIG.min_scale

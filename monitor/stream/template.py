@@ -17,9 +17,15 @@ training: compare each beat with the patient's own dominant beat. Here:
     distance  mean |beat - T| (before the beat updates T)
     score     (log distance - location) / scale, against the sensor's own centre and spread of log
               distances (median, and the spread of the lower half: `lower_half_baseline`), learnt after
-              the template has settled (beats `settle_beats` to `warmup_beats`), floor `min_scale`; the
-              centre then follows the running median of log distances (`adapt_rate` scales a beat),
-              since a patient's beats change slowly over hours (posture, rate, respiration)
+              the template has settled (beats `settle_beats` to `warmup_beats`), floor `min_scale`, from
+              the sensor's *regular* beats (R-R within `regular_rr` of the warm-up's median: `regular`),
+              because ectopic beats come early and end in a pause, and with a fifth to a third of them in
+              the warm-up (frequent ventricular ectopy) the median lies among their distances and the spread
+              read off below it comes out about 1.6 times the usual beats' own (MIT-BIH records 106, 208,
+              228); a rhythm too irregular to tell (fewer than `MIN_REGULAR_BEATS` regular beats: atrial
+              fibrillation, bigeminy) keeps every beat; the centre then follows the running median of log
+              distances (`adapt_rate` scales a beat), since a patient's beats change slowly over hours
+              (posture, rate, respiration)
 
 The first beat seeds the template; the step starts at `first_step` and falls linearly to `step` over
 `settle_beats`, so an ectopic first beat is forgotten within the settling. Until the warm-up ends a beat
@@ -50,6 +56,9 @@ __all__ = ["TemplateConfig", "TemplateState", "Template", "score_windows"]
 MIN_DISTANCE = 1e-6
 #: How far the 25th percentile of a normal distribution lies below its median, in SDs.
 Z25 = 0.6745
+#: Fewer regular beats than this in the warm-up (an irregular rhythm: atrial fibrillation, bigeminy): the baseline
+#: is learnt from every beat.
+MIN_REGULAR_BEATS = 30
 
 
 @dataclass(frozen=True)
@@ -62,10 +71,13 @@ class TemplateConfig:
     warmup_beats: int = 150  # log distances of beats settle_beats..warmup_beats set the baseline
     min_scale: float = 0.05  # floor of the spread (log units)
     adapt_rate: float = 0.3  # after the warm-up the centre moves this many scales a beat towards each distance
+    #: the baseline is learnt from beats whose R-R lies within this share of the warm-up's median (inf: every beat)
+    regular_rr: float = 0.15
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= self.first_step or not 1 <= self.settle_beats < self.warmup_beats - 2 \
-                or self.min_scale <= 0 or self.span_s <= 0 or self.points < 2 or self.adapt_rate < 0:
+                or self.min_scale <= 0 or self.span_s <= 0 or self.points < 2 or self.adapt_rate < 0 \
+                or self.regular_rr <= 0:
             raise ValueError(f"invalid template config {self}")
 
 
@@ -78,10 +90,11 @@ class TemplateState:
     location: float = 0.0
     scale: float = 0.0  # 0 until the warm-up ends
     warmup: list[float] = field(default_factory=list)  # log distances, only while calibrating
+    warmup_rr: list[float] = field(default_factory=list)  # their beats' R-R intervals (s)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"beats": self.beats, "location": self.location, "scale": self.scale,
-                                "warmup": list(self.warmup)}
+                                "warmup": list(self.warmup), "warmup_rr": list(self.warmup_rr)}
         if self.template is not None:
             data["template"] = base64.b64encode(self.template.astype("<f2").tobytes()).decode()
         return data
@@ -91,8 +104,11 @@ class TemplateState:
         encoded = data.get("template")
         template = None if encoded is None else np.frombuffer(base64.b64decode(encoded), dtype="<f2").astype(
             np.float16)
+        warmup = [float(x) for x in data.get("warmup", [])]
+        # a record written before the R-R intervals were kept: its warm-up beats count as regular
+        warmup_rr = [float(x) for x in data.get("warmup_rr", [math.nan] * len(warmup))]
         return cls(template, int(data.get("beats", 0)), float(data.get("location", 0.0)),
-                   float(data.get("scale", 0.0)), [float(x) for x in data.get("warmup", [])])
+                   float(data.get("scale", 0.0)), warmup, warmup_rr)
 
 
 class Template:
@@ -111,13 +127,14 @@ class Template:
             return None
         beat = self.beat(window, rr_s)
         if state.template is None or len(state.template) != len(beat):
-            state.template, state.beats, state.scale, state.warmup = beat.astype(np.float16), 1, 0.0, []
+            state.template, state.beats, state.scale = beat.astype(np.float16), 1, 0.0
+            state.warmup, state.warmup_rr = [], []
             return None
         current = state.template.astype(np.float32)
         log_distance = math.log(max(float(np.mean(np.abs(beat - current))), MIN_DISTANCE))
         score = (log_distance - state.location) / state.scale if state.scale > 0 else None
         state.template = (current + np.float32(self._step(state.beats)) * np.sign(beat - current)).astype(np.float16)
-        self._learn(state, log_distance)
+        self._learn(state, log_distance, rr_s)
         return score
 
     def beat(self, window: np.ndarray, rr_s: float) -> np.ndarray:
@@ -136,7 +153,7 @@ class Template:
         c = self.config
         return max(c.step, c.first_step * (1 - beats / c.settle_beats))
 
-    def _learn(self, state: TemplateState, log_distance: float) -> None:
+    def _learn(self, state: TemplateState, log_distance: float, rr_s: float) -> None:
         if not self.calibrating(state):
             # the centre follows the median (a run of ectopic beats moves it adapt_rate scales a beat); the spread
             # is fixed after the warm-up: runs of ectopic beats must not widen it
@@ -144,17 +161,33 @@ class Template:
             return
         state.beats += 1
         if state.beats > self.config.settle_beats:
-            state.warmup.append(round(log_distance, 4))  # 4 decimals: the buffer rides in changelog records
+            state.warmup.append(round(log_distance, 4))  # 4 decimals: the buffers ride in changelog records
+            state.warmup_rr.append(round(rr_s, 4))
         if state.beats == self.config.warmup_beats:
-            state.location, state.scale = lower_half_baseline(np.asarray(state.warmup))
+            distances = np.asarray(state.warmup)
+            kept = regular(np.asarray(state.warmup_rr), self.config.regular_rr)
+            state.location, state.scale = lower_half_baseline(distances[kept] if kept.sum() >= MIN_REGULAR_BEATS
+                                                              else distances)
             state.scale = max(state.scale, self.config.min_scale)
-            state.warmup = []
+            state.warmup, state.warmup_rr = [], []
+
+
+def regular(rr_s: np.ndarray, tolerance: float) -> np.ndarray:
+    """The beats whose R-R interval lies within `tolerance` of the median (unknown, NaN: regular). An ectopic
+    beat's window ends in its compensatory pause, and the beat before it is cut short by its early onset."""
+    known = np.isfinite(rr_s)
+    if not known.any():
+        return np.ones(len(rr_s), dtype=bool)
+    ratio = rr_s / np.median(rr_s[known])
+    kept: np.ndarray = ~known | (np.abs(ratio - 1) <= tolerance)
+    return kept
 
 
 def lower_half_baseline(log_distances: np.ndarray) -> tuple[float, float]:
     """(median, spread read off the lower half as a normal SD). Ectopic beats only ever lie *farther* from the
     template, so with a third of them (bigeminy, trigeminy) a two-sided spread (MAD) would widen to the gap
-    between the two kinds of beat; below the median there are only the sensor's usual beats."""
+    between the two kinds of beat; below the median there are only the sensor's usual beats (`regular` keeps a
+    large share of ectopic beats from moving the median itself)."""
     median = float(np.median(log_distances))
     return median, (median - float(np.percentile(log_distances, 25))) / Z25
 
