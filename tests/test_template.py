@@ -167,3 +167,17 @@ def test_a_state_written_without_the_warm_ups_intervals_counts_its_beats_as_regu
     for w, r in zip(windows[100:], rr[100:], strict=True):
         template.update(restored, w, float(r))
     assert not template.calibrating(restored) and restored.scale >= CONFIG.min_scale
+
+
+def test_after_the_warm_up_the_centre_follows_the_regular_beats_only():
+    """Ectopic beats (early, then a pause) do not pull the centre up after the warm-up; the running median R-R
+    that tells them follows a change of heart rate within tens of beats."""
+    n = CONFIG.warmup_beats
+    ectopy, rr_ectopy = frequent_ectopy(400, seed=11)
+    windows = np.concatenate([beats(NORMAL, n, seed=11), ectopy])
+    rr = np.concatenate([np.full(n, RR), rr_ectopy])
+    regular = learnt_baseline(windows, rr)
+    every = learnt_baseline(windows, rr, TemplateConfig(regular_rr=math.inf))
+    assert regular.scale == every.scale and regular.location < every.location - 0.05
+    faster = learnt_baseline(beats(NORMAL, n + 40, seed=12), np.r_[np.full(n, RR), np.full(40, 0.6)])
+    assert faster.rr_median == pytest.approx(0.6, abs=0.011)

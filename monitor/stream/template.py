@@ -25,7 +25,9 @@ training: compare each beat with the patient's own dominant beat. Here:
               228); a rhythm too irregular to tell (fewer than `MIN_REGULAR_BEATS` regular beats: atrial
               fibrillation, bigeminy) keeps every beat; the centre then follows the running median of log
               distances (`adapt_rate` scales a beat), since a patient's beats change slowly over hours
-              (posture, rate, respiration)
+              (posture, rate, respiration), on regular beats only (R-R within `regular_rr` of the sensor's
+              running median R-R, `rr_median`), so ectopic beats do not pull the centre up after the warm-up
+              either
 
 The first beat seeds the template; the step starts at `first_step` and falls linearly to `step` over
 `settle_beats`, so an ectopic first beat is forgotten within the settling. Until the warm-up ends a beat
@@ -73,11 +75,12 @@ class TemplateConfig:
     adapt_rate: float = 0.3  # after the warm-up the centre moves this many scales a beat towards each distance
     #: the baseline is learnt from beats whose R-R lies within this share of the warm-up's median (inf: every beat)
     regular_rr: float = 0.15
+    rr_step: float = 0.01  # seconds a beat the running median R-R moves (regular beats: within regular_rr of it)
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= self.first_step or not 1 <= self.settle_beats < self.warmup_beats - 2 \
                 or self.min_scale <= 0 or self.span_s <= 0 or self.points < 2 or self.adapt_rate < 0 \
-                or self.regular_rr <= 0:
+                or self.regular_rr <= 0 or self.rr_step <= 0:
             raise ValueError(f"invalid template config {self}")
 
 
@@ -91,10 +94,12 @@ class TemplateState:
     scale: float = 0.0  # 0 until the warm-up ends
     warmup: list[float] = field(default_factory=list)  # log distances, only while calibrating
     warmup_rr: list[float] = field(default_factory=list)  # their beats' R-R intervals (s)
+    rr_median: float = 0.0  # the running median R-R (s); 0 before the second beat
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"beats": self.beats, "location": self.location, "scale": self.scale,
-                                "warmup": list(self.warmup), "warmup_rr": list(self.warmup_rr)}
+                                "warmup": list(self.warmup), "warmup_rr": list(self.warmup_rr),
+                                "rr_median": self.rr_median}
         if self.template is not None:
             data["template"] = base64.b64encode(self.template.astype("<f2").tobytes()).decode()
         return data
@@ -108,7 +113,7 @@ class TemplateState:
         # a record written before the R-R intervals were kept: its warm-up beats count as regular
         warmup_rr = [float(x) for x in data.get("warmup_rr", [math.nan] * len(warmup))]
         return cls(template, int(data.get("beats", 0)), float(data.get("location", 0.0)),
-                   float(data.get("scale", 0.0)), warmup, warmup_rr)
+                   float(data.get("scale", 0.0)), warmup, warmup_rr, float(data.get("rr_median", 0.0)))
 
 
 class Template:
@@ -154,10 +159,15 @@ class Template:
         return max(c.step, c.first_step * (1 - beats / c.settle_beats))
 
     def _learn(self, state: TemplateState, log_distance: float, rr_s: float) -> None:
+        c = self.config
+        is_regular = state.rr_median == 0 or abs(rr_s / state.rr_median - 1) <= c.regular_rr
+        state.rr_median = rr_s if state.rr_median == 0 else state.rr_median + c.rr_step * float(
+            np.sign(rr_s - state.rr_median))
         if not self.calibrating(state):
-            # the centre follows the median (a run of ectopic beats moves it adapt_rate scales a beat); the spread
-            # is fixed after the warm-up: runs of ectopic beats must not widen it
-            state.location += self.config.adapt_rate * state.scale * (1 if log_distance > state.location else -1)
+            # the centre follows the median of the regular beats' distances; the spread is fixed after the warm-up:
+            # runs of ectopic beats must not widen it
+            if is_regular:
+                state.location += c.adapt_rate * state.scale * (1 if log_distance > state.location else -1)
             return
         state.beats += 1
         if state.beats > self.config.settle_beats:
