@@ -73,9 +73,11 @@ class TemplateConfig:
     warmup_beats: int = 150  # log distances of beats settle_beats..warmup_beats set the baseline
     min_scale: float = 0.05  # floor of the spread (log units)
     adapt_rate: float = 0.3  # after the warm-up the centre moves this many scales a beat towards each distance
-    #: the baseline is learnt from beats whose R-R lies within this share of the warm-up's median (inf: every beat)
+    #: a beat is regular when its R-R lies within this share of the median R-R (the warm-up's, for the baseline;
+    #: the running one, `rr_median`, afterwards); only regular beats teach the baseline and move the centre
+    #: (inf: every beat)
     regular_rr: float = 0.15
-    rr_step: float = 0.01  # seconds a beat the running median R-R moves (regular beats: within regular_rr of it)
+    rr_step: float = 0.01  # seconds a beat the running median R-R moves
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= self.first_step or not 1 <= self.settle_beats < self.warmup_beats - 2 \
@@ -170,15 +172,15 @@ class Template:
                 state.location += c.adapt_rate * state.scale * (1 if log_distance > state.location else -1)
             return
         state.beats += 1
-        if state.beats > self.config.settle_beats:
+        if state.beats > c.settle_beats:
             state.warmup.append(round(log_distance, 4))  # 4 decimals: the buffers ride in changelog records
             state.warmup_rr.append(round(rr_s, 4))
-        if state.beats == self.config.warmup_beats:
+        if state.beats == c.warmup_beats:
             distances = np.asarray(state.warmup)
-            kept = regular(np.asarray(state.warmup_rr), self.config.regular_rr)
+            kept = regular(np.asarray(state.warmup_rr), c.regular_rr)
             state.location, state.scale = lower_half_baseline(distances[kept] if kept.sum() >= MIN_REGULAR_BEATS
                                                               else distances)
-            state.scale = max(state.scale, self.config.min_scale)
+            state.scale = max(state.scale, c.min_scale)
             state.warmup, state.warmup_rr = [], []
 
 
