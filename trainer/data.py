@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pooch
 
+from monitor.stream.beats import as_recorded
+
 ECG5000_URL = "https://timeseriesclassification.com/aeon-toolkit/ECG5000.zip"
 ECG5000_SHAPE = (5000, 140, 1)
 ECG5000_LABELS = frozenset({"1", "2", "3", "4", "5"})
@@ -45,8 +47,7 @@ class BeatOrigin:
 
     def recorded(self, windows: np.ndarray) -> np.ndarray:
         """`windows` (these beats, in the model's orientation) the way up the lead records them."""
-        sign = np.where(self.flipped, -1.0, 1.0).reshape(-1, *([1] * (windows.ndim - 1)))
-        return windows * sign
+        return as_recorded(windows, self.flipped)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ annotations every beat is labelled normal.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,12 +264,16 @@ def to_dataset(cuts: list[RecordingBeats], convention: BeatConvention) -> Datase
     kept = [c.labels != UNMATCHED for c in cuts]
     if not any(k.any() for k in kept):
         raise DataError("no beats cut from the recordings")
-    x = np.concatenate([c.beats.windows[k] for c, k in zip(cuts, kept, strict=True)]).astype(np.float64)[:, :, None]
-    y = np.concatenate([c.labels[k] for c, k in zip(cuts, kept, strict=True)]).astype(object)
+
+    def joined(per_cut: Callable[[RecordingBeats], np.ndarray]) -> np.ndarray:
+        """One array per recording, its kept beats, end to end."""
+        return np.concatenate([per_cut(c)[k] for c, k in zip(cuts, kept, strict=True)])
+
+    x = joined(lambda c: c.beats.windows).astype(np.float64)[:, :, None]
+    y = joined(lambda c: c.labels).astype(object)
     origin = BeatOrigin(np.concatenate([np.full(k.sum(), i) for i, k in enumerate(kept)]).astype(np.int64),
-                        tuple(c.recording.name for c in cuts),
-                        np.concatenate([c.beats.rr_s[k] for c, k in zip(cuts, kept, strict=True)]),
-                        np.concatenate([c.beats.flipped[k] for c, k in zip(cuts, kept, strict=True)]))
+                        tuple(c.recording.name for c in cuts), joined(lambda c: c.beats.rr_s),
+                        joined(lambda c: c.beats.flipped))
     source = ", ".join(f"{c.recording.name} ({c.recording.fs:g} Hz, {c.recording.duration_s / 60:.1f} min)"
                        for c in cuts)
     return Dataset(x, y, f"beats of {source}", digest(x, y), origin)

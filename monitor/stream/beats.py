@@ -97,7 +97,13 @@ class Beats:
     def recorded_windows(self) -> npt.NDArray[np.float32]:
         """The windows the way up the lead records them (the per-sensor template compares beats so: a polarity
         estimate that changes sign along a recording with a balanced QRS must not look like a change of shape)."""
-        return np.where(self.flipped[:, None], -self.windows, self.windows).astype(np.float32)
+        return as_recorded(self.windows, self.flipped).astype(np.float32)
+
+
+def as_recorded(windows: npt.NDArray[Any], flipped: npt.NDArray[np.bool_]) -> npt.NDArray[Any]:
+    """Beat windows (n, ...) the way up the lead records them: negated back where `flipped` to the convention."""
+    out: npt.NDArray[Any] = np.where(flipped.reshape(-1, *[1] * (windows.ndim - 1)), -windows, windows)
+    return out
 
 
 def beat_extent(r_peak: int, next_r: int, fs: float, convention: BeatConvention) -> tuple[int, int]:
