@@ -26,7 +26,7 @@ def test_a_regular_rhythm_scores_nothing_and_a_premature_beat_scores_by_how_earl
     intervals[40] *= 0.6  # 40% early (a premature beat) ...
     intervals[41] *= 1.4  # ... then the compensatory pause
     intervals[50] *= 0.85  # 15% early
-    scores = score_times(beat_times(intervals), CONFIG)
+    scores = score_times(beat_times(intervals), config=CONFIG)
     assert scores[41] > 5 and 0 < scores[51] < scores[41]
     assert scores[42] == 0  # a late beat is no evidence by itself
     others = np.delete(scores, [41, 51])
@@ -36,14 +36,15 @@ def test_a_regular_rhythm_scores_nothing_and_a_premature_beat_scores_by_how_earl
 def test_nothing_scores_before_the_warm_up_has_learnt_the_sensors_spread():
     intervals = list(sinus(40))
     intervals[10] *= 0.5
-    assert score_times(beat_times(intervals), CONFIG)[: CONFIG.history + CONFIG.warmup_beats].max() == 0
+    assert score_times(beat_times(intervals), config=CONFIG)[: CONFIG.history + CONFIG.warmup_beats].max() == 0
 
 
 def test_a_sensor_whose_rate_varies_a_lot_needs_a_larger_jump():
     config = RhythmConfig(history=8, warmup_beats=100, min_scale=0.04)
     steady, varying = sinus(160, jitter=0.01, seed=1), sinus(160, jitter=0.15, seed=1)
     steady[140] = varying[140] = 0.8 * 0.75  # 25% early against the mean interval
-    assert score_times(beat_times(steady), config)[141] > 1.5 * score_times(beat_times(varying), config)[141] > 0
+    early_in_steady = score_times(beat_times(steady), config=config)[141]
+    assert early_in_steady > 1.5 * score_times(beat_times(varying), config=config)[141] > 0
 
 
 def test_a_gap_or_a_reset_restarts_the_interval_history():

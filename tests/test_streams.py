@@ -13,6 +13,7 @@ from support import usual_beat
 from monitor.daemon.state_store import BeatInfo, SensorStates
 from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
 from monitor.stream.policy import FIRING, ScorePolicy, ScorePolicyConfig
+from monitor.stream.template import TemplateConfig
 from trainer.streams import (Scored, Stream, alerted_runs, annotated_stream, choose_operating_point, combine,
                              ecg5000_streams, event_stats, evaluate, fired, legacy_fired, nab_raw, nab_score,
                              nab_sigmoid, nab_windows, open_alert, per_class_auroc, plot_operating_curve,
@@ -270,3 +271,37 @@ def test_a_beats_origin_turns_its_windows_back_the_way_up_the_lead_records_them(
     windows = np.arange(12.0).reshape(3, 4, 1)
     assert origin.recorded(windows)[:, :, 0].tolist() == [[0, 1, 2, 3], [-4, -5, -6, -7], [-8, -9, -10, -11]]
     assert origin.take(np.array([2])).names == ("a", "b") and origin.take(np.array([2])).rr_s.tolist() == [0.6]
+
+
+def test_motion_noise_raises_no_anomaly_alert_once_known_and_the_trainer_sees_it_as_the_daemon_does():
+    """Beats unlike the usual one and unlike each other (electrode motion) are artefacts: bad signal quality, so
+    after a burst's first beats no anomaly alert, a signal_quality one instead; the trainer's stream marks the same
+    beats and fires where the daemon does."""
+    rng = np.random.default_rng(5)
+    smooth = np.exp(-0.5 * (np.arange(-12, 13) / 4) ** 2)
+
+    def wave() -> np.ndarray:
+        w = np.convolve(rng.normal(size=140), smooth, "same")
+        return 2 * (w - w.mean()) / w.std()
+
+    clean = [usual_beat() + rng.normal(0, 0.03, 140) for _ in range(400)]
+    windows = np.stack(clean[:300] + [usual_beat() + wave() for _ in range(120)] + clean[300:])
+    errors = np.exp(rng.normal(math.log(0.1), 0.1, len(windows)))
+    errors[300:420] *= 5  # the model's error rises in the noise too
+    times, rr = np.arange(len(windows)) * 0.8, np.full(len(windows), 0.8)
+    stream = annotated_stream("s", errors, times, ["N"] * len(windows), windows=windows, rr_s=rr)
+    assert stream.good_quality is not None
+    artefact = ~stream.good_quality
+    assert not artefact[:300].any() and artefact[300:420].mean() > 0.8
+    prior, config = Prior(math.log(0.1), 0.3, 0.3), ScorePolicyConfig()
+    states = SensorStates(Calibrator(prior), ScorePolicy(config), "m")
+    daemon = [states.apply((0, "s"), i, i, float(e), True, BeatInfo(float(t), 0.8, w))
+              for i, (e, t, w) in enumerate(zip(errors, times, windows, strict=True))]
+    assert all(o is not None for o in daemon)
+    outcomes = [o for o in daemon if o is not None]
+    assert [o.artefact for o in outcomes] == artefact.tolist()
+    fires = [i for i, o in enumerate(outcomes) if FIRING in o.transitions]
+    assert not [i for i in fires if 300 + TemplateConfig().artefact_window <= i < 420]
+    assert any("signal_quality" in o.transitions for o in outcomes[300:420])
+    _, (trainer_fires,) = run_policy([stream], prior, policy=config)
+    assert trainer_fires.tolist() == fires

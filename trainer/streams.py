@@ -78,9 +78,19 @@ def annotated_stream(sensor_id: str, errors: np.ndarray, times_s: np.ndarray, sy
     """A recording's beats (MIT-BIH symbols, or AAMI classes already) as a stream with normal "N"; with its beat
     `windows` (the way up the lead records them) and their R-R intervals, each beat's template score too."""
     labels = np.asarray([AAMI.get(s, s) for s in symbols], dtype=object)
-    scores = None if windows is None or rr_s is None else template.score_windows(windows, rr_s, good_quality)
+    scores = None
+    if windows is not None and rr_s is not None:
+        scores, good_quality = _with_template(windows, rr_s, good_quality)
     return Stream(sensor_id, np.asarray(errors, dtype=np.float64), labels, np.asarray(times_s, dtype=np.float64),
                   "N", good_quality, scores)
+
+
+def _with_template(windows: np.ndarray, rr_s: np.ndarray | float, good_quality: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The template scores of a stream's beat windows, and its signal quality with the template's artefact beats
+    marked bad (the daemon treats them so: monitor.daemon.state_store)."""
+    scores, artefact = template.score_windows(windows, rr_s, good_quality)
+    return scores, ~artefact if good_quality is None else np.asarray(good_quality, dtype=bool) & ~artefact
 
 
 def ecg5000_streams(errors: np.ndarray, labels: np.ndarray, *, n_streams: int, minutes: float = 60,
@@ -108,10 +118,9 @@ def ecg5000_streams(errors: np.ndarray, labels: np.ndarray, *, n_streams: int, m
         for start, length in _run_slots(rng, n_beats, n_runs, run_lengths, warmup_beats, min_gap):
             cls = labels[rng.choice(anomalous)]
             rows[start:start + length] = rng.choice(np.flatnonzero(labels == cls), length)
-        streams.append(Stream(f"ecg5000-{seed}-{s}", errors[rows], labels[rows],
-                              np.arange(n_beats) * beat_period_s, normal_label,
-                              template_scores=None if windows is None else template.score_windows(
-                                  windows[rows], beat_period_s)))
+        scores, good = (None, None) if windows is None else _with_template(windows[rows], beat_period_s, None)
+        streams.append(Stream(f"ecg5000-{seed}-{s}", errors[rows], labels[rows], np.arange(n_beats) * beat_period_s,
+                              normal_label, good, scores))
     return streams
 
 
@@ -578,5 +587,6 @@ def policy_input(stream: Stream, calibrator: Calibrator, config: ScorePolicyConf
     for beat windows raised to the template score at its weight, plus the rhythm score at its weight (ECG5000
     streams, one beat a second, have none)."""
     scored = calibrate(stream, calibrator)
-    prematurity = rhythm.score_times(stream.times_s) if config.rhythm_weight and len(stream) else None
+    prematurity = rhythm.score_times(stream.times_s, stream.good_quality) if config.rhythm_weight and len(stream) \
+        else None
     return replace(scored, scores=config.beat_input(scored.scores, stream.template_scores, prematurity))

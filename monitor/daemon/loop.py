@@ -304,6 +304,8 @@ class Monitor:
         outcome = self.states.apply(window.key, window.start_seq, window.last_offset, error, bad is None, beat)
         if outcome is None:  # the restored state already reflects this window: its outputs were delivered
             return
+        if outcome.artefact:  # clean samples, but a beat unlike the usual one and the last ones: motion noise
+            bad = quality.ARTEFACT
         if bad is not None:
             self.metrics.signal_quality_windows.labels(reason=bad).inc()
         if self.settings.scores_topic:
@@ -333,7 +335,8 @@ class Monitor:
                                      "calibrated_score": round(outcome.calibrated.score, 3)})
 
     def _quality(self, batch: list[Window]) -> list[str | None]:
-        """Each window's signal-quality problem (lead_off, flat, saturation, noise) or None, on its
+        """Each window's signal-quality problem (lead_off, flat, saturation, noise; `artefact` comes later, from the
+        sensor's template) or None, on its
         raw samples (a beat window carries them as `raw`; a fixed window's values are raw). The
         batch is checked at once: one window at a time, numpy's per-call overhead made it 10x slower."""
         if not self.settings.quality_gating:

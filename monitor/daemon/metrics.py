@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
-from monitor.stream.quality import FLAT, LEAD_OFF, NOISE, SATURATION
+from monitor.stream.quality import ARTEFACT, FLAT, LEAD_OFF, NOISE, SATURATION
 
-QUALITY_REASONS = (LEAD_OFF, FLAT, SATURATION, NOISE)
+QUALITY_REASONS = (LEAD_OFF, FLAT, SATURATION, NOISE, ARTEFACT)
 
 # The *_created series double the exposition size and no dashboard uses them.
 disable_created_metrics()

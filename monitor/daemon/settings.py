@@ -81,8 +81,9 @@ class MonitorSettings(BaseSettings):
                                                 "from the sensor's own usual beat); 0 = the autoencoder's alone")
     calibration_warmup_beats: int | None = Field(None, ge=3, description="Beats a new sensor calibrates on; "
                                                                          "empty = 150")
-    quality_gating: bool = Field(True, description="Check each window's signal quality; bad ones raise no "
-                                                   "anomaly alert")
+    quality_gating: bool = Field(True, description="Check each window's signal quality (its raw samples; a "
+                                                   "beat's likeness to the sensor's usual and last beats: motion "
+                                                   "artefacts); bad ones raise no anomaly alert")
 
     # Sensor state
     sensor_idle_timeout_s: float = Field(600.0, gt=0,

@@ -54,7 +54,7 @@ from monitor.stream.calibration import (CALIBRATED, CALIBRATING, Calibrated, Cal
                                         Calibrator, Prior)
 from monitor.stream.policy import ScorePolicy, ScorePolicyConfig
 from monitor.stream.rhythm import Rhythm, RhythmState
-from monitor.stream.template import Template, TemplateState
+from monitor.stream.template import Template, TemplateConfig, TemplateScore, TemplateState
 from monitor.stream.windowing import Partial, SensorKey
 
 log = logging.getLogger("monitor.daemon.state_store")
@@ -98,16 +98,18 @@ class Outcome(NamedTuple):
     calibrated_threshold: float  # the raw error at which this sensor's score reaches the fire level
     rhythm_score: float | None = None  # beat windows: how premature the beat was (None for fixed windows)
     template_score: float | None = None  # beat windows: how far from the sensor's usual beat (None: calibrating)
+    artefact: bool = False  # beat windows: unlike the usual beat and unlike the last ones (monitor.stream.template)
 
 
 class SensorStates:
     def __init__(self, calibrator: Calibrator, policy: ScorePolicy, model_version: str, *,
-                 idle_timeout_s: float = 86_400.0, max_sensors: int = 200_000,
+                 idle_timeout_s: float = 86_400.0, max_sensors: int = 200_000, template: Template | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.calibrator = calibrator
         self.policy = policy
         self.rhythm = Rhythm()  # beat sensors' prematurity (the policy weighs it: rhythm_weight)
-        self.template = Template()  # beat sensors' distance from their own usual beat (policy: template_weight)
+        #: beat sensors' distance from their own usual beat (policy: template_weight), and motion artefacts
+        self.template = template or Template()
         self.model_version = model_version
         self.idle_timeout_s = idle_timeout_s
         self.max_sensors = max_sensors
@@ -137,17 +139,19 @@ class SensorStates:
             # Its first window since it came back completed the kept partial window (or the stream went on
             # elsewhere, a reset or a gap, and the windower started afresh): either way it is not needed again.
             sensor.partial = None
-        calibrated = self.calibrator.update(sensor.calibration, error, good_quality)
         config = self.policy.config
-        rhythm = None if beat is None else self.rhythm.update(sensor.rhythm, beat.r_peak_s, good_quality)
-        template = None if beat is None or config.template_weight == 0 else \
+        template = TemplateScore(None) if beat is None or config.template_weight == 0 else \
             self.template.update(sensor.template, beat.values, beat.rr_s, good_quality)
-        score = float(config.beat_input(calibrated.score, template, rhythm))
+        good_quality = good_quality and not template.artefact  # motion noise: no anomaly alert, nothing learnt
+        calibrated = self.calibrator.update(sensor.calibration, error, good_quality)
+        rhythm = None if beat is None else self.rhythm.update(sensor.rhythm, beat.r_peak_s, good_quality)
+        score = float(config.beat_input(calibrated.score, template.score, rhythm))
         transitions = self.policy.observe(key, score, calibrating=calibrated.calibrating,
                                           gross=calibrated.gross, good_quality=good_quality)
         self._dirty.add(key)
         return Outcome(calibrated, transitions, self.calibrator.phase(sensor.calibration),
-                       self.calibrator.threshold_error(sensor.calibration, config.fire_level), rhythm, template)
+                       self.calibrator.threshold_error(sensor.calibration, config.fire_level), rhythm, template.score,
+                       template.artefact)
 
     def _add(self, key: SensorKey, seq: int, offset: int) -> _Sensor:
         sensor = self._sensors[key] = _Sensor(self.calibrator.new_state(), seq, offset, self.clock())
@@ -324,9 +328,11 @@ def build_states(scorer: Scorer, settings: MonitorSettings,
                  clock: Callable[[], float] = time.monotonic) -> SensorStates:
     calibration = CalibrationConfig() if settings.calibration_warmup_beats is None else \
         CalibrationConfig(warmup_beats=settings.calibration_warmup_beats)
+    # without quality gating, motion artefacts are scored like any beat too
+    template = Template(None if settings.quality_gating else TemplateConfig(artefact_beats=0))
     return SensorStates(Calibrator(prior_of(scorer), calibration), ScorePolicy(policy_config(scorer, settings)),
                         scorer.model_version, idle_timeout_s=settings.state_idle_timeout_s,
-                        max_sensors=settings.max_sensors, clock=clock)
+                        max_sensors=settings.max_sensors, template=template, clock=clock)
 
 
 # -- reading the changelog -----------------------------------------------------------------------

@@ -17,6 +17,10 @@ Checks, in the order they are reported (the first that fails names the reason):
   Zhang's pSQI (QRS band vs. wide band), as in neurokit2's ``ecg_quality(method="zhao2018")``,
   which costs 17-70 ms per 10 s segment there (R-peak detection included), too slow for the
   daemon's hot path; one rFFT costs tens of microseconds.
+
+One more reason is decided per sensor, not here: ``artefact``, a beat unlike the sensor's usual beat and unlike
+its last beats, in a burst of such beats (electrode motion, whose power lies in the ECG's own band:
+monitor.stream.template).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 LEAD_OFF, FLAT, SATURATION, NOISE = "lead_off", "flat", "saturation", "noise"
+ARTEFACT = "artefact"  # decided by the sensor's template (monitor.stream.template), not by `check`
 
 
 @dataclass(frozen=True)
@@ -134,5 +139,5 @@ def _row_sums(x: np.ndarray) -> np.ndarray:
     return np.fromiter((row.sum() for row in x), dtype=np.float64, count=len(x))
 
 
-__all__ = ["FLAT", "LEAD_OFF", "NOISE", "SATURATION", "Quality", "QualityConfig", "check", "check_many",
+__all__ = ["ARTEFACT", "FLAT", "LEAD_OFF", "NOISE", "SATURATION", "Quality", "QualityConfig", "check", "check_many",
            "check_segments", "clipped_runs", "hf_ratios", "longest_holds"]

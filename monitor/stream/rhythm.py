@@ -125,8 +125,12 @@ class Rhythm:
             state.warmup = []
 
 
-def score_times(r_peaks_s: np.ndarray, config: RhythmConfig | None = None) -> np.ndarray:
-    """The rhythm score of every beat of one sensor's stream (R peaks in seconds, in order), from a
-    fresh state: what the daemon computes beat by beat (the trainer's stream evaluation uses it)."""
+def score_times(r_peaks_s: np.ndarray, good_quality: np.ndarray | None = None,
+                config: RhythmConfig | None = None) -> np.ndarray:
+    """The rhythm score of every beat of one sensor's stream (R peaks in seconds, in order; bad-quality beats
+    score 0 and teach nothing), from a fresh state: what the daemon computes beat by beat (the trainer's stream
+    evaluation uses it)."""
     rhythm, state = Rhythm(config), RhythmState()
-    return np.array([rhythm.update(state, float(t)) for t in np.asarray(r_peaks_s, dtype=np.float64)])
+    times = np.asarray(r_peaks_s, dtype=np.float64)
+    good = np.ones(len(times), dtype=bool) if good_quality is None else np.asarray(good_quality, dtype=bool)
+    return np.array([rhythm.update(state, float(t), bool(ok)) for t, ok in zip(times, good, strict=True)])

@@ -33,13 +33,25 @@ The first beat seeds the template; the step starts at `first_step` and falls lin
 `settle_beats`, so an ectopic first beat is forgotten within the settling. Until the warm-up ends a beat
 has no template score (None) and the policy takes the shape score alone.
 
+Artefact (electrode motion, after the warm-up): a beat is *novel* when even the nearest of the template and the
+sensor's last `recent_beats` beats lies `novel_level` (log units) beyond the sensor's usual distance (`usual`: the
+centre as the warm-up left it, since the centre itself follows the sensor, and minutes of noise would move it);
+a novel beat with at least `artefact_beats` novel beats among the last `artefact_window` (itself included) is an
+*artefact*: beats unlike the usual beat and unlike each other. Ectopic beats are unlike the usual beat but like
+each other (a run of ventricular beats from one focus, bigeminy: the beat two back), or come one at a time; motion
+noise at the amplitude of the QRS (MIT-BIH Noise Stress Test record 118e06, 6 dB) makes every beat novel. An
+artefact beat is scored but teaches nothing, and the daemon treats it as bad signal quality (reason `artefact`):
+no anomaly alert, and the policy's rate-limited `signal_quality` alert. The first novel beats of a burst still
+feed the policy, so motion noise can raise one anomaly alert as it starts, not one every few seconds
+(docs/model-card.md, "Noise").
+
 The alert policy's input for a beat window is max(calibrated shape score, template_weight x template score)
 + rhythm_weight x rhythm score (`ScorePolicyConfig.template_weight`, 0.7; docs/model-card.md, "Other
 patients", has how it was chosen and what it gives on 48 other patients).
 
-Bad-quality beats have no template score and teach nothing. The template is kept in float16 (72 bytes; the
-changelog carries it base64-encoded), updated from float16 every beat, so a restored sensor continues bit for
-bit; everything is deterministic.
+Bad-quality beats have no template score and teach nothing. The template and the last `recent_beats` beats are
+kept in float16 (72 bytes each; the changelog carries them base64-encoded), updated from float16 every beat, so a
+restored sensor continues bit for bit; everything is deterministic.
 """
 
 from __future__ import annotations
@@ -48,11 +60,11 @@ import base64
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["TemplateConfig", "TemplateState", "Template", "score_windows"]
+__all__ = ["TemplateConfig", "TemplateState", "TemplateScore", "TemplateScores", "Template", "score_windows"]
 
 #: Distances below this are treated as this (log of zero: a beat identical to the template).
 MIN_DISTANCE = 1e-6
@@ -78,11 +90,19 @@ class TemplateConfig:
     #: (inf: every beat)
     regular_rr: float = 0.15
     rr_step: float = 0.01  # seconds a beat the running median R-R moves
+    #: artefact (module docstring): the beats a beat is compared with besides the template, how far beyond the usual
+    #: distance (log units: e^1.8 = 6 times) the nearest of them makes it novel, and how many novel beats among the
+    #: last `artefact_window` make a novel beat an artefact (0: never)
+    recent_beats: int = 3
+    novel_level: float = 1.8
+    artefact_beats: int = 3
+    artefact_window: int = 4
 
     def __post_init__(self) -> None:
         if not 0 < self.step <= self.first_step or not 1 <= self.settle_beats < self.warmup_beats - 2 \
                 or self.min_scale <= 0 or self.span_s <= 0 or self.points < 2 or self.adapt_rate < 0 \
-                or self.regular_rr <= 0 or self.rr_step <= 0:
+                or self.regular_rr <= 0 or self.rr_step <= 0 or self.recent_beats < 0 or self.novel_level <= 0 \
+                or not 0 <= self.artefact_beats <= self.artefact_window:
             raise ValueError(f"invalid template config {self}")
 
 
@@ -97,25 +117,47 @@ class TemplateState:
     warmup: list[float] = field(default_factory=list)  # log distances, only while calibrating
     warmup_rr: list[float] = field(default_factory=list)  # their beats' R-R intervals (s)
     rr_median: float = 0.0  # the running median R-R (s); 0 before the second beat
+    usual: float = 0.0  # the centre when the warm-up ended: the artefact rule's reference (noise must not move it)
+    recent: list[np.ndarray] = field(default_factory=list)  # the last `recent_beats` beats (float16), newest last
+    novel: list[bool] = field(default_factory=list)  # novel? for the last `artefact_window` beats after the warm-up
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"beats": self.beats, "location": self.location, "scale": self.scale,
                                 "warmup": list(self.warmup), "warmup_rr": list(self.warmup_rr),
-                                "rr_median": self.rr_median}
+                                "rr_median": self.rr_median, "usual": self.usual,
+                                "recent": [_encode(b) for b in self.recent],
+                                "novel": [int(x) for x in self.novel]}
         if self.template is not None:
-            data["template"] = base64.b64encode(self.template.astype("<f2").tobytes()).decode()
+            data["template"] = _encode(self.template)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TemplateState:
         encoded = data.get("template")
-        template = None if encoded is None else np.frombuffer(base64.b64decode(encoded), dtype="<f2").astype(
-            np.float16)
         warmup = [float(x) for x in data.get("warmup", [])]
         # a record written before the R-R intervals were kept: its warm-up beats count as regular
         warmup_rr = [float(x) for x in data.get("warmup_rr", [math.nan] * len(warmup))]
-        return cls(template, int(data.get("beats", 0)), float(data.get("location", 0.0)),
-                   float(data.get("scale", 0.0)), warmup, warmup_rr, float(data.get("rr_median", 0.0)))
+        return cls(None if encoded is None else _decode(encoded), int(data.get("beats", 0)),
+                   float(data.get("location", 0.0)), float(data.get("scale", 0.0)), warmup, warmup_rr,
+                   float(data.get("rr_median", 0.0)), float(data.get("usual", data.get("location", 0.0))),
+                   [_decode(b) for b in data.get("recent", [])],
+                   [bool(x) for x in data.get("novel", [])])
+
+
+def _encode(values: np.ndarray) -> str:
+    return base64.b64encode(values.astype("<f2").tobytes()).decode()
+
+
+def _decode(encoded: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(encoded), dtype="<f2").astype(np.float16)
+
+
+class TemplateScore(NamedTuple):
+    """A beat against its sensor's template: the score (None while the sensor calibrates, and for a bad-quality
+    beat) and whether the beat is an artefact (module docstring: then it taught nothing)."""
+
+    score: float | None
+    artefact: bool = False
 
 
 class Template:
@@ -126,23 +168,37 @@ class Template:
         self._instants = np.linspace(0.0, self.config.span_s, self.config.points)  # seconds from a window's start
 
     def update(self, state: TemplateState, window: np.ndarray, rr_s: float, good_quality: bool = True
-               ) -> float | None:
+               ) -> TemplateScore:
         """The score of this beat window (the way up its lead records it; its R-R interval `rr_s` is the window's
-        duration) against the sensor's template (None while the sensor calibrates, and for a bad-quality beat),
-        then learn from it."""
+        duration) against the sensor's template, and whether it is an artefact; then learn from it (not from an
+        artefact, nor from a bad-quality beat, which has no score)."""
         if not good_quality:
-            return None
+            return TemplateScore(None)
         beat = self.beat(window, rr_s)
         if state.template is None or len(state.template) != len(beat):
             state.template, state.beats, state.scale = beat.astype(np.float16), 1, 0.0
-            state.warmup, state.warmup_rr = [], []
-            return None
+            state.warmup, state.warmup_rr, state.recent, state.novel = [], [], [], []
+            return TemplateScore(None)
         current = state.template.astype(np.float32)
-        log_distance = math.log(max(float(np.mean(np.abs(beat - current))), MIN_DISTANCE))
+        log_distance = _log_distance(beat, current)
         score = (log_distance - state.location) / state.scale if state.scale > 0 else None
-        state.template = (current + np.float32(self._step(state.beats)) * np.sign(beat - current)).astype(np.float16)
-        self._learn(state, log_distance, rr_s)
-        return score
+        artefact = self._artefact(state, beat, log_distance)
+        if not artefact:
+            state.template = (current + np.float32(self._step(state.beats)) * np.sign(beat - current)).astype(
+                np.float16)
+            self._learn(state, log_distance, rr_s)
+        return TemplateScore(score, artefact)
+
+    def _artefact(self, state: TemplateState, beat: np.ndarray, log_distance: float) -> bool:
+        """Whether this beat is novel in a burst of novel beats (module docstring); remembers it either way."""
+        c = self.config
+        nearest = min([log_distance, *(_log_distance(beat, b.astype(np.float32)) for b in state.recent)])
+        state.recent = [*state.recent, beat.astype(np.float16)][-c.recent_beats:] if c.recent_beats else []
+        if state.scale == 0 or not c.artefact_beats:  # calibrating: the usual distance is not known yet
+            return False
+        novel = nearest - state.usual > c.novel_level
+        state.novel = [*state.novel, novel][-c.artefact_window:]
+        return novel and sum(state.novel) >= c.artefact_beats
 
     def beat(self, window: np.ndarray, rr_s: float) -> np.ndarray:
         """The first `span_s` seconds of a window that lasts `rr_s`, at `points` instants, z-scored (float32)."""
@@ -180,8 +236,12 @@ class Template:
             kept = regular(np.asarray(state.warmup_rr), c.regular_rr)
             state.location, state.scale = lower_half_baseline(distances[kept] if kept.sum() >= MIN_REGULAR_BEATS
                                                               else distances)
-            state.scale = max(state.scale, c.min_scale)
+            state.scale, state.usual = max(state.scale, c.min_scale), state.location
             state.warmup, state.warmup_rr = [], []
+
+
+def _log_distance(beat: np.ndarray, other: np.ndarray) -> float:
+    return math.log(max(float(np.mean(np.abs(beat - other))), MIN_DISTANCE))
 
 
 def regular(rr_s: np.ndarray, tolerance: float) -> np.ndarray:
@@ -204,14 +264,22 @@ def lower_half_baseline(log_distances: np.ndarray) -> tuple[float, float]:
     return median, (median - float(np.percentile(log_distances, 25))) / Z25
 
 
+class TemplateScores(NamedTuple):
+    """`score_windows`' result: per beat, the score (NaN where there is none) and whether it is an artefact."""
+
+    scores: np.ndarray
+    artefact: np.ndarray
+
+
 def score_windows(windows: np.ndarray, rr_s: np.ndarray | float, good_quality: np.ndarray | None = None,
-                  config: TemplateConfig | None = None) -> np.ndarray:
+                  config: TemplateConfig | None = None) -> TemplateScores:
     """The template score of every beat window of one sensor's stream (the way up its lead records them), in
-    order, from a fresh state (NaN where there is none): what the daemon computes beat by beat (the trainer's
+    order, from a fresh state, and which beats are artefacts: what the daemon computes beat by beat (the trainer's
     stream evaluation uses it). rr_s: each window's R-R interval, or one for all."""
     template, state = Template(config), TemplateState()
     rows = np.asarray(windows).reshape(len(windows), -1)  # as given: the daemon's are float32
     rr = np.broadcast_to(np.asarray(rr_s, dtype=np.float64), (len(rows),))
     good = np.ones(len(rows), dtype=bool) if good_quality is None else np.asarray(good_quality, dtype=bool)
-    scores = (template.update(state, row, float(r), bool(ok)) for row, r, ok in zip(rows, rr, good, strict=True))
-    return np.array([math.nan if x is None else x for x in scores], dtype=np.float64)
+    out = [template.update(state, row, float(r), bool(ok)) for row, r, ok in zip(rows, rr, good, strict=True)]
+    return TemplateScores(np.array([math.nan if x.score is None else x.score for x in out], dtype=np.float64),
+                          np.array([x.artefact for x in out], dtype=bool))

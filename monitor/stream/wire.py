@@ -123,7 +123,7 @@ def _reason_for(exc: ValidationError) -> tuple[str, str]:
 
 class AlertRecord(BaseModel):
     """An alert opening (`firing`) or closing (`resolved`) for one sensor, or a one-shot
-    `signal_quality` alert (bad signal: lead off, flat, saturated, noisy; `quality` says which)."""
+    `signal_quality` alert (bad signal: lead off, flat, saturated, noisy, motion artefact; `quality` says which)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -182,7 +182,7 @@ class ScoreRecord(BaseModel):
     calibrated_score: float | None = None
     calibration: Literal["calibrating", "calibrated"] | None = None
     calibrated_threshold: float | None = None  # error at which the calibrated score reaches the fire level
-    quality: str | None = None  # lead_off, flat, saturation or noise when the signal is bad
+    quality: str | None = None  # lead_off, flat, saturation, noise or artefact when the signal is bad
     rhythm_score: float | None = None  # beat windows: as in AlertRecord
     template_score: float | None = None  # beat windows: as in AlertRecord
 
