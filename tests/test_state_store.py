@@ -145,6 +145,25 @@ def test_the_policy_comes_from_the_artefact_and_settings_override_it():
     assert math.exp(bare.location + 1.6449 * bare.scale) == pytest.approx(0.3)
 
 
+@pytest.mark.parametrize("gating", [True, False])
+def test_motion_artefacts_are_bad_quality_only_with_quality_gating(gating: bool):
+    """Beats unlike the usual one and unlike each other, after the warm-up: artefacts (no anomaly alert) under
+    MONITOR_QUALITY_GATING, ordinary beats without it."""
+    from monitor.daemon.state_store import build_states
+
+    scorer = SimpleNamespace(threshold=0.3, model_version="m",
+                             artefact=SimpleNamespace(metadata={"validation_errors": {"p50": 0.1, "p95": 0.3}}))
+    states = build_states(scorer, MonitorSettings(_env_file=None, quality_gating=gating))  # type: ignore[arg-type,call-arg]
+    rng = np.random.default_rng(3)
+    smooth = np.exp(-0.5 * (np.arange(-12, 13) / 4) ** 2)
+    noise = [np.convolve(rng.normal(size=140), smooth, "same") for _ in range(60)]
+    windows = [usual_beat() + rng.normal(0, 0.03, 140) for _ in range(200)] + \
+        [usual_beat() + 2 * (w - w.mean()) / w.std() for w in noise]
+    outcomes = [states.apply((0, "s"), i, i, 0.1, True, BeatInfo(0.8 * i, 0.8, w)) for i, w in enumerate(windows)]
+    artefacts = sum(bool(o and o.artefact) for o in outcomes[200:])
+    assert artefacts > 40 if gating else artefacts == 0
+
+
 # -- the Monitor over fake clients: changelog writes and restore ---------------------------------
 
 L, TOPIC, STATE = 50, "in", "state"

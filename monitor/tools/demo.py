@@ -180,6 +180,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+#: How each alert state reads in the live tables.
+STATE_CELLS = {"firing": "[bold red]firing[/]", "resolved": "[green]resolved[/]",
+               "signal_quality": "[yellow]signal quality[/]"}
+
+
+def alert_counts(alerts: list[AlertRecord]) -> dict[str, int]:
+    return {state: sum(a.state == state for a in alerts) for state in STATE_CELLS}
+
+
 def summarise(streams: list[SensorStream], alerts: list[AlertRecord], log: SendLog,
               metrics: Metrics | None, metrics_url: str, bootstrap: str, seconds: float,
               interrupted: bool, model: dict) -> dict:
@@ -203,7 +212,7 @@ def summarise(streams: list[SensorStream], alerts: list[AlertRecord], log: SendL
         "injected_runs": sum(len(replayed) for replayed in runs.values()),
         "detected_runs": len(detected_runs),
         "false_alerts": len(false_alerts),
-        "alerts": {"firing": len(firing), "resolved": sum(a.state == "resolved" for a in alerts)},
+        "alerts": {**alert_counts(alerts), "firing": len(firing)},
         "firing_alerts": [{"sensor_id": a.sensor_id, "window_start_seq": a.window_start_seq, "score": a.score,
                            "injected": match_run(by_id[a.sensor_id], a) is not None} for a in firing],
         "records_sent": log.records,
@@ -253,7 +262,7 @@ class LiveView:
 
     def row(self, alert: AlertRecord) -> list:
         stream = self.streams.get(alert.sensor_id)
-        if alert.state == "resolved":
+        if alert.state != "firing":
             truth = "[dim]-[/]"
         elif stream is None:
             truth = "[yellow]unknown sensor[/]"
@@ -263,10 +272,15 @@ class LiveView:
             truth = "[red]FALSE ALERT[/]"
         produced = self.log.produced_at(alert.sensor_id, alert.window_end_seq)
         latency = f"{(alert.detected_at - produced) * 1000:.0f} ms" if produced else "-"
-        state = "[bold red]firing[/]" if alert.state == "firing" else "[green]resolved[/]"
-        return [datetime.fromtimestamp(alert.detected_at).strftime("%H:%M:%S"), alert.sensor_id, state,
+        return [datetime.fromtimestamp(alert.detected_at).strftime("%H:%M:%S"), alert.sensor_id,
+                STATE_CELLS.get(alert.state, alert.state),
                 f"{alert.window_start_seq}-{alert.window_end_seq}", str(alert.window_start_seq // BEAT_LENGTH),
                 f"{alert.score:.3f} / {alert.threshold:.3f}", latency, truth]
+
+
+def signal_quality_note(summary: dict) -> str:
+    count = summary["alerts"].get("signal_quality", 0)
+    return f"; {count} signal quality (noise, not arrhythmia)" if count else ""
 
 
 def describe_false_alerts(summary: dict) -> str:
@@ -298,7 +312,8 @@ def render_summary(console, summary: dict) -> None:
         ("records sent", f"{summary['records_sent']:,}"),
         ("windows scored", f"{summary['windows_scored'] if summary['windows_scored'] is not None else '?':,} "
                            f"of {summary['windows_expected']:,}"),
-        ("alerts", f"{summary['alerts']['firing']} firing, {summary['alerts']['resolved']} resolved"),
+        ("alerts", f"{summary['alerts']['firing']} firing, {summary['alerts']['resolved']} resolved"
+                   + signal_quality_note(summary)),
         ("detected", f"{len(detected)}/{len(injected)} anomalous sensors, "
                      f"{summary['detected_runs']}/{summary['injected_runs']} injected runs"),
         ("missed", ", ".join(sorted(set(injected) - set(detected))) or "none"),
@@ -455,7 +470,7 @@ class RecordDemo:
             "heart_rate_bpm": self.heart_rate_bpm(),
             "records_sent": log.records, "sensor_hours": hours,
             "windows_scored": int(metrics.value(WINDOWS_SCORED)) if metrics else None,
-            "alerts": {"firing": len(firing), "resolved": sum(a.state == "resolved" for a in alerts)},
+            "alerts": alert_counts(alerts),
             "alerts_per_sensor_hour": len(firing) / hours if hours else None,
             "alerts_near_non_normal_beats": sum(n.split("+")[0] in ("S", "V", "F", "Q") for n in near),
             "firing_alerts": [{"sensor_id": a.sensor_id, "window_start_seq": a.window_start_seq, "score": a.score,
@@ -490,9 +505,9 @@ class RecordView(LiveView):
         at = "-" if i is None else _clock(((self.record.starts[i] + alert.window_start_seq) % len(rec.signal)) / rec.fs)
         produced = self.log.produced_at(alert.sensor_id, alert.window_end_seq)
         latency = f"{(alert.detected_at - produced) * 1000:.0f} ms" if produced else "-"
-        state = "[bold red]firing[/]" if alert.state == "firing" else "[green]resolved[/]"
         near = self.record.near(alert) if alert.state == "firing" else "-"
-        return [datetime.fromtimestamp(alert.detected_at).strftime("%H:%M:%S"), alert.sensor_id, state,
+        return [datetime.fromtimestamp(alert.detected_at).strftime("%H:%M:%S"), alert.sensor_id,
+                STATE_CELLS.get(alert.state, alert.state),
                 f"{alert.window_start_seq}-{alert.window_end_seq}", at, f"{alert.score:.3f} / {alert.threshold:.3f}",
                 latency, near]
 
@@ -513,7 +528,7 @@ def render_record_summary(console, summary: dict) -> None:
         ("windows scored", f"{summary['windows_scored'] if summary['windows_scored'] is not None else '?':,}"),
         ("alerts", f"{summary['alerts']['firing']} firing ({'-' if rate is None else f'{rate:.1f}'} per sensor-hour), "
                    f"{summary['alerts']['resolved']} resolved; {summary['alerts_near_non_normal_beats']} within 2 s "
-                   "of a non-normal reference beat"),
+                   "of a non-normal reference beat" + signal_quality_note(summary)),
         ("alert latency", f"p50 {ms(summary['alert_latency_s']['p50'])}, p99 {ms(summary['alert_latency_s']['p99'])}"),
         ("model", f"{summary['model'].get('path')} ({summary['model'].get('windowing')} windows, threshold "
                   f"{summary['model'].get('threshold', 0):.4f})"),
