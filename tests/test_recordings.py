@@ -167,6 +167,28 @@ def test_evaluate_on_record_100_gives_per_class_figures_and_r_peak_accuracy(fitt
     assert stream["runs"] >= 1 and "S" in stream["per_beat_auroc"]
 
 
+def test_evaluate_checks_each_beats_signal_quality_as_the_daemon_does(excerpt, tmp_path, capsys):
+    """Record 100's first 5 minutes with a clipping amplifier from 3:20 to 4:00 (its R peaks flattened at the
+    signal's 90th percentile): those beats are bad (saturation), counted by reason, and raise a signal_quality
+    alert, not an anomaly alert."""
+    record = wfdb.rdrecord(str(excerpt.with_suffix("")))
+    signal = record.p_signal.copy()
+    clipped = slice(int(200 * record.fs), int(240 * record.fs))
+    signal[clipped] = np.minimum(signal[clipped], np.percentile(signal, 90, axis=0))
+    wfdb.wrsamp("clip100", fs=record.fs, units=record.units, sig_name=record.sig_name, p_signal=signal,
+                fmt=["16"] * record.n_sig, adc_gain=[200.0] * record.n_sig, baseline=[0] * record.n_sig,
+                write_dir=str(tmp_path))
+    ann = wfdb.rdann(str(excerpt.with_suffix("")), "atr")
+    wfdb.wrann("clip100", "atr", ann.sample, symbol=ann.symbol, write_dir=str(tmp_path))
+    assert main(["evaluate", "--model", str(SHIPPED_MODEL_PATH), "--data", str(tmp_path / "clip100.hea"),
+                 "--json"]) == 0
+    stream = json.loads(capsys.readouterr().out)["recordings"][0]["stream"]
+    assert stream["bad_quality_beats"]["saturation"] >= 30  # about 50 beats in 40 s
+    assert stream["signal_quality_alerts"] >= 1
+    main(["evaluate", "--model", str(SHIPPED_MODEL_PATH), "--data", str(tmp_path / "clip100.hea")])
+    assert "signal quality: " in capsys.readouterr().out
+
+
 def test_a_database_folder_may_link_its_records_in(excerpt, tmp_path):
     """Records linked into the folder are read (Path.rglob skips links before Python 3.13); a link back up the
     tree is not followed round."""

@@ -195,7 +195,17 @@ def _recording_summary(r: dict[str, Any]) -> str:
                  f"over {st['normal_hours']:.2f} h outside non-normal stretches; "
                  f"runs detected {st['detected']}/{st['runs']}; runs of 3+ beats with an alert open "
                  f"{st['runs_3plus']['alerting']}/{st['runs_3plus']['runs']}")
+    lines.append("  " + _quality_summary(st))
     return "\n".join(lines)
+
+
+def _quality_summary(figures: dict[str, Any]) -> str:
+    """e.g. "signal quality: 12 beats bad (artefact 12), 1 signal_quality alert"."""
+    bad = {k: v for k, v in figures["bad_quality_beats"].items() if v}
+    reasons = f" ({', '.join(f'{k} {v}' for k, v in bad.items())})" if bad else ""
+    alerts = figures["signal_quality_alerts"]
+    return (f"signal quality: {sum(bad.values())} beats bad{reasons}, "
+            f"{alerts} signal_quality alert{'' if alerts == 1 else 's'}")
 
 
 def _pooled_summary(p: dict[str, Any]) -> str:
@@ -208,7 +218,8 @@ def _pooled_summary(p: dict[str, Any]) -> str:
              f"{p['false_alerts']} false = {rate} per hour over {p['normal_hours']:.2f} h outside non-normal stretches",
              f"  runs detected by length (beats): {by_length}; runs of 3+ beats with an alert open at one of "
              f"their beats: {p['runs_3plus']['alerting']}/{p['runs_3plus']['runs']}",
-             "  runs detected by class: " + ", ".join(f"{k} {runs(v)}" for k, v in p["detection_by_class"].items())]
+             "  runs detected by class: " + ", ".join(f"{k} {runs(v)}" for k, v in p["detection_by_class"].items()),
+             "  " + _quality_summary(p)]
     for what, key in (("error", "auroc_by_class"), ("policy input", "policy_input_auroc_by_class")):
         for cls, a in p[key].items():
             lines.append(f"  {cls} vs N per-beat AUROC of the {what} over {a['recordings']} recordings with >= "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from sklearn.metrics import (average_precision_score, confusion_matrix, precisio
 from monitor.core.artefact import Artefact
 from monitor.core.scoring import Scorer
 from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
-from monitor.stream.policy import ScorePolicyConfig
+from monitor.stream import quality
+from monitor.stream.policy import SIGNAL_QUALITY, ScorePolicyConfig
 from trainer import streams
 from trainer import data as data_mod
 from trainer.data import ECG5000_CLASSES, BeatOrigin
@@ -352,12 +354,18 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
             auroc = float(roc_auc_score(rows[pair], errors[pair]))
         per_class[cls] = {"name": AAMI_NAMES.get(cls, cls), "n": int(rows.sum()), "flagged": int(flagged[rows].sum()),
                           "rate": float(flagged[rows].mean()), "auroc_vs_normal": auroc}
-    stream = streams.annotated_stream(rec.name, errors, cut.beats.r_peak / rec.fs, labels.tolist(),
+    problems = [q.reason for q in quality.check_segments(
+        [rec.signal[start:end] for start, end in zip(cut.beats.start, cut.beats.end, strict=True)],
+        [rec.fs] * len(cut.beats))]  # the daemon's check of each beat's raw samples
+    clean_samples = np.array([p is None for p in problems], dtype=bool)
+    stream = streams.annotated_stream(rec.name, errors, cut.beats.r_peak / rec.fs, labels.tolist(), clean_samples,
                                       windows=cut.beats.recorded_windows(), rr_s=cut.beats.rr_s)
     warmup, policy = CalibrationConfig().warmup_beats, policy or ScorePolicyConfig()
     scored, alerts = streams.run_policy([stream], prior, policy=policy)
     stream_metrics = streams.evaluate(scored, alerts, warmup_beats=warmup)
     long_runs, alerting = streams.alerted_runs(stream, streams.open_alert(scored[0], policy), warmup_beats=warmup)
+    artefact = clean_samples & ~np.asarray(stream.good_quality, dtype=bool)  # the template's motion artefacts
+    bad_beats = {**Counter(p for p in problems if p), quality.ARTEFACT: int(artefact.sum())}
     return {"recording": rec.name, "fs": rec.fs, "duration_s": rec.duration_s, "beats": int(len(labels)),
             "unmatched_beats": int((labels == UNMATCHED).sum()), "polarity": int(cut.polarity),
             "threshold": float(scorer.threshold), "per_class": per_class,
@@ -365,7 +373,10 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
             "heart_rate_bpm": {"median": float(60 / np.median(cut.beats.rr_s))} if len(cut.beats) else None,
             "stream": {"policy": asdict(policy), "warmup_beats": warmup,
                        "alerts": int(len(alerts[0])), **_json_row(stream_metrics),
-                       "runs_3plus": {"runs": long_runs, "alerting": alerting}},
+                       "runs_3plus": {"runs": long_runs, "alerting": alerting},
+                       "bad_quality_beats": bad_beats,
+                       "signal_quality_alerts": sum(t == SIGNAL_QUALITY for _, t in
+                                                    streams.policy_alerts(scored[0], policy))},
             "errors": {"normal": error_stats(errors[normal]), "other": error_stats(errors[~normal])}}
 
 
@@ -377,6 +388,7 @@ def pool_recordings(results: list[dict[str, Any]], min_class_beats: int = 10) ->
     streams_ = [r["stream"] for r in results]
     counts = {k: sum(s[k] for s in streams_) for k in ("alerts", "false_alerts", "runs", "detected")}
     long_runs = {k: sum(s["runs_3plus"][k] for s in streams_) for k in ("runs", "alerting")}
+    bad_beats = sum((Counter(s["bad_quality_beats"]) for s in streams_), Counter())
     normal_hours = float(sum(s["normal_hours"] for s in streams_))
     aurocs: dict[str, list[float]] = {}
     policy_aurocs: dict[str, list[float]] = {}  # of the policy's input: calibrated score (+ template, rhythm)
@@ -392,7 +404,8 @@ def pool_recordings(results: list[dict[str, Any]], min_class_beats: int = 10) ->
             "detection_rate": counts["detected"] / counts["runs"] if counts["runs"] else None,
             "detection_by_class": _pooled_rates([s["detection_by_class"] for s in streams_]),
             "detection_by_length": _pooled_rates([s["detection_by_length"] for s in streams_]),
-            "runs_3plus": long_runs,
+            "runs_3plus": long_runs, "bad_quality_beats": dict(bad_beats),
+            "signal_quality_alerts": sum(s["signal_quality_alerts"] for s in streams_),
             "auroc_by_class": _spread(aurocs), "policy_input_auroc_by_class": _spread(policy_aurocs),
             "min_class_beats": min_class_beats}
 
