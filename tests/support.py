@@ -216,6 +216,16 @@ def committed(bootstrap: str, group: str, topic: str) -> tuple[int | None, int]:
         consumer.close()
 
 
+def committed_records(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    """The group's committed offsets summed over the topic's partitions: the records it has committed, on a topic
+    whose offsets start at 0."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return sum(consumer.committed(TopicPartition(topic, p)) or 0 for p in range(partitions))
+    finally:
+        consumer.close()
+
+
 def consume_json(bootstrap: str, topic: str, **kwargs: Any) -> list[dict]:
     """consume_all, values decoded from JSON."""
     return [json.loads(r.value) for r in consume_all(bootstrap, topic, **kwargs)]

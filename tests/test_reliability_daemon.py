@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import (MonitorProcess, Topics, alert_keys, consume_all, consume_json, expected_calibrated_alert_ids,
-                     load_ecg5000, monitor_env, produce, stream_records, wait_for)
+from support import (MonitorProcess, Topics, alert_keys, committed_records, consume_all, consume_json,
+                     expected_calibrated_alert_ids, load_ecg5000, monitor_env, produce, stream_records, wait_for)
 
 from bench import tally
 from monitor.core.artefact import Artefact
@@ -264,11 +264,17 @@ def test_broker_outage_keeps_the_daemon_alive_and_healthy_but_not_ready_then_it_
 
             wait_for(lambda: daemon.get("/readyz")[0] == 200, 90,
                      message=lambda: "not ready again after the outage:\n" + daemon.log_text()[-2000:])
-            records += produce(broker.bootstrap, topics.input,
-                               stream_records(rest, chunk=CHUNK, seq0=before_windows * beats.window_length))
+            sent = produce(broker.bootstrap, topics.input,
+                           stream_records(rest, chunk=CHUNK, seq0=before_windows * beats.window_length))
+            records += sent
             expected_rest = all_windows(flags, beats.window_length, first=before_windows)
             scores_rest = wait_all_scored(broker.bootstrap, topics.scores, expected_rest, 90)
             assert daemon.metric("ecg_monitor_kafka_errors_total", operation="probe") > 0
+            # Stop once it has committed everything: the broker came back with its topics recreated, and the
+            # producer's first sends to them wait for fresh metadata (seconds); a stop in that wait outlives the
+            # group's 6 s poll interval and ends unclean. An operator's topics are not recreated.
+            wait_for(lambda: committed_records(broker.bootstrap, env["MONITOR_GROUP_ID"], topics.input, 3) >= sent,
+                     60, message=lambda: "not all committed after the outage:\n" + daemon.log_text()[-2000:])
             assert daemon.returncode is None
             assert daemon.stop() == 0
     finally:
