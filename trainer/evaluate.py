@@ -363,7 +363,9 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
     warmup, policy = CalibrationConfig().warmup_beats, policy or ScorePolicyConfig()
     scored, alerts = streams.run_policy([stream], prior, policy=policy)
     stream_metrics = streams.evaluate(scored, alerts, warmup_beats=warmup)
-    long_runs, alerting = streams.alerted_runs(stream, streams.open_alert(scored[0], policy), warmup_beats=warmup)
+    transitions = streams.policy_alerts(scored[0], policy)  # exact, beat by beat: open alerts, signal quality
+    long_runs, alerting = streams.alerted_runs(stream, streams.open_between(transitions, len(stream)),
+                                               warmup_beats=warmup)
     artefact = clean_samples & ~np.asarray(stream.good_quality, dtype=bool)  # the template's motion artefacts
     bad_beats = {**Counter(p for p in problems if p), quality.ARTEFACT: int(artefact.sum())}
     return {"recording": rec.name, "fs": rec.fs, "duration_s": rec.duration_s, "beats": int(len(labels)),
@@ -375,8 +377,7 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
                        "alerts": int(len(alerts[0])), **_json_row(stream_metrics),
                        "runs_3plus": {"runs": long_runs, "alerting": alerting},
                        "bad_quality_beats": bad_beats,
-                       "signal_quality_alerts": sum(t == SIGNAL_QUALITY for _, t in
-                                                    streams.policy_alerts(scored[0], policy))},
+                       "signal_quality_alerts": sum(t == SIGNAL_QUALITY for _, t in transitions)},
             "errors": {"normal": error_stats(errors[normal]), "other": error_stats(errors[~normal])}}
 
 
