@@ -182,7 +182,8 @@ def test_dashboard_covers_what_operators_need():
                    "ecg_monitor_reconstruction_error_bucket", "ecg_monitor_model_threshold",
                    "ecg_monitor_scoring_latency_seconds_bucket", "ecg_monitor_end_to_end_latency_seconds_bucket",
                    "ecg_monitor_batch_size_windows_bucket", "ecg_monitor_consumer_lag_records",
-                   "ecg_monitor_active_sensors", "ecg_monitor_build_info"):
+                   "ecg_monitor_active_sensors", "ecg_monitor_build_info",
+                   "ecg_monitor_signal_quality_windows_total", "ecg_monitor_calibrating_sensors"):
         assert metric in exprs, metric
     assert "by (reason)" in exprs and "by (state)" in exprs
     heatmaps = [p for p in _panels(dashboard()) if p["type"] == "heatmap"]
