@@ -22,7 +22,7 @@ import numpy as np
 
 from monitor.core.artefact import Artefact
 from monitor.core.scoring import Scorer
-from monitor.stream import quality, template
+from monitor.stream import template
 from monitor.stream.policy import FIRING, SIGNAL_QUALITY
 from trainer import recordings, streams
 from trainer.pipeline import CONVENTION, served_policy
@@ -47,16 +47,15 @@ def figures(scorer: Scorer, record: recordings.Recording, in_noise_s: np.ndarray
     cut = recordings.cut(record, CONVENTION)
     beats = cut.beats
     errors = scorer.score(beats.windows[:, :, None])
-    spans = [record.signal[start:end] for start, end in zip(beats.start, beats.end, strict=True)]
-    clean_samples = np.array([q.ok for q in quality.check_segments(spans, [record.fs] * len(spans))])
+    clean_samples = np.array([p is None for p in recordings.sample_problems(cut)], dtype=bool)
     in_noise = np.zeros(len(beats), dtype=bool)
     if in_noise_s is not None:
         in_noise = in_noise_s[np.minimum((beats.r_peak / record.fs).astype(int), len(in_noise_s) - 1)]
     out = {}
     for name, config in RULES.items():
-        scores, artefact = template.score_windows(beats.recorded_windows(), beats.rr_s, clean_samples, config)
-        stream = streams.Stream(record.name, errors, np.asarray(cut.labels, dtype=object), beats.r_peak / record.fs,
-                                "N", clean_samples & ~artefact, scores)
+        stream = streams.annotated_stream(record.name, errors, beats.r_peak / record.fs, cut.labels.tolist(),
+                                          clean_samples, beats.recorded_windows(), beats.rr_s, config)
+        artefact = clean_samples & ~np.asarray(stream.good_quality, dtype=bool)
         scored, _ = streams.run_policy([stream], prior, policy=policy)
         transitions = streams.policy_alerts(scored[0], policy)
         fired = np.array([i for i, t in transitions if t == FIRING], dtype=np.int64)

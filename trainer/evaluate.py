@@ -22,7 +22,7 @@ from monitor.stream.policy import SIGNAL_QUALITY, ScorePolicyConfig
 from trainer import streams
 from trainer import data as data_mod
 from trainer.data import ECG5000_CLASSES, BeatOrigin
-from trainer.recordings import AAMI_NAMES, NORMAL, UNMATCHED, RecordingBeats, rpeak_accuracy
+from trainer.recordings import AAMI_NAMES, NORMAL, UNMATCHED, RecordingBeats, rpeak_accuracy, sample_problems
 from trainer.split import split
 
 #: Share of ECG5000's anomalous beats (stratified per class) a multi-source model's operating point is
@@ -354,9 +354,7 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
             auroc = float(roc_auc_score(rows[pair], errors[pair]))
         per_class[cls] = {"name": AAMI_NAMES.get(cls, cls), "n": int(rows.sum()), "flagged": int(flagged[rows].sum()),
                           "rate": float(flagged[rows].mean()), "auroc_vs_normal": auroc}
-    problems = [q.reason for q in quality.check_segments(
-        [rec.signal[start:end] for start, end in zip(cut.beats.start, cut.beats.end, strict=True)],
-        [rec.fs] * len(cut.beats))]  # the daemon's check of each beat's raw samples
+    problems = sample_problems(cut)
     clean_samples = np.array([p is None for p in problems], dtype=bool)
     stream = streams.annotated_stream(rec.name, errors, cut.beats.r_peak / rec.fs, labels.tolist(), clean_samples,
                                       windows=cut.beats.recorded_windows(), rr_s=cut.beats.rr_s)

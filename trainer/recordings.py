@@ -24,6 +24,7 @@ import pandas as pd
 import wfdb
 from wfdb.processing import compare_annotations
 
+from monitor.stream import quality
 from monitor.stream.beat_windowing import BeatWindow, BeatWindower
 from monitor.stream.beats import BeatConvention, Beats, Polarity, estimate_polarity
 from monitor.stream.rpeaks import OnlineRPeakDetector
@@ -238,6 +239,14 @@ def label_beats(r_peaks: np.ndarray, annotations: Annotations | None, fs: float)
     nearest = np.where(np.abs(ref[left] - r_peaks) <= np.abs(ref[right] - r_peaks), left, right)
     close = np.abs(ref[nearest] - r_peaks) <= TOLERANCE_S * fs
     return np.where(close, annotations.classes[nearest], UNMATCHED).astype(object)
+
+
+def sample_problems(cut_beats: RecordingBeats) -> list[str | None]:
+    """Each beat's signal-quality problem on its raw samples (`monitor.stream.quality`), or None: the daemon's
+    check of a beat window's span."""
+    rec, beats = cut_beats.recording, cut_beats.beats
+    spans = [rec.signal[start:end] for start, end in zip(beats.start, beats.end, strict=True)]
+    return [q.reason for q in quality.check_segments(spans, [rec.fs] * len(spans))]
 
 
 def rpeak_accuracy(cut_beats: RecordingBeats) -> dict[str, float | int]:

@@ -74,22 +74,23 @@ def runs_of(mask: np.ndarray) -> list[tuple[int, int]]:
 
 def annotated_stream(sensor_id: str, errors: np.ndarray, times_s: np.ndarray, symbols: Sequence[str],
                      good_quality: np.ndarray | None = None, windows: np.ndarray | None = None,
-                     rr_s: np.ndarray | None = None) -> Stream:
+                     rr_s: np.ndarray | None = None, template_config: template.TemplateConfig | None = None) -> Stream:
     """A recording's beats (MIT-BIH symbols, or AAMI classes already) as a stream with normal "N"; with its beat
-    `windows` (the way up the lead records them) and their R-R intervals, each beat's template score too."""
+    `windows` (the way up the lead records them) and their R-R intervals, each beat's template score too (and its
+    artefacts marked bad)."""
     labels = np.asarray([AAMI.get(s, s) for s in symbols], dtype=object)
     scores = None
     if windows is not None and rr_s is not None:
-        scores, good_quality = _with_template(windows, rr_s, good_quality)
+        scores, good_quality = _with_template(windows, rr_s, good_quality, template_config)
     return Stream(sensor_id, np.asarray(errors, dtype=np.float64), labels, np.asarray(times_s, dtype=np.float64),
                   "N", good_quality, scores)
 
 
-def _with_template(windows: np.ndarray, rr_s: np.ndarray | float, good_quality: np.ndarray | None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _with_template(windows: np.ndarray, rr_s: np.ndarray | float, good_quality: np.ndarray | None,
+                   config: template.TemplateConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The template scores of a stream's beat windows, and its signal quality with the template's artefact beats
     marked bad (the daemon treats them so: monitor.daemon.state_store)."""
-    scores, artefact = template.score_windows(windows, rr_s, good_quality)
+    scores, artefact = template.score_windows(windows, rr_s, good_quality, config)
     return scores, ~artefact if good_quality is None else np.asarray(good_quality, dtype=bool) & ~artefact
 
 
