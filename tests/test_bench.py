@@ -120,3 +120,26 @@ def test_the_noise_benchmark_marks_motion_noise_as_artefact_not_arrhythmia(recor
     assert rule["artefact beats elsewhere"] == off["artefact beats in noise"] == clean["artefact beats elsewhere"] == 0
     assert rule["signal_quality alerts"] >= 1 and off["signal_quality alerts"] == 0
     assert rule["anomaly alerts in noise"] <= off["anomaly alerts in noise"]
+
+
+def test_the_rates_benchmark_scores_a_record_resampled_as_it_scores_it_as_recorded(record_100, tmp_path):
+    """Record 100's first 5 minutes, as recorded (360 Hz) and resampled to 128 Hz: a row per rate, nearly the same
+    beats cut at both rates, and none of these clean beats called bad signal at either rate."""
+    import wfdb
+
+    from bench import rates
+
+    signal, beats = record_100
+    signal, beats = signal[: 300 * 360], beats[beats < 300 * 360]
+    data = tmp_path / "data" / "r100"
+    data.mkdir(parents=True)
+    wfdb.wrsamp("r100", fs=360, units=["mV"], sig_name=["MLII"], p_signal=signal[:, None], fmt=["16"],
+                adc_gain=[200.0], baseline=[0], write_dir=str(data))
+    wfdb.wrann("r100", "atr", beats, symbol=["N"] * len(beats), write_dir=str(data))
+    rates.main(["--data", str(tmp_path / "data"), "--rates", "128", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "rates.json").read_text())["rows"]
+    assert list(rows) == ["as recorded", "128 Hz"]
+    assert (tmp_path / "rates.md").read_text().count("| 128 Hz |") == 1
+    cut = [row["beats"] for row in rows.values()]
+    assert abs(cut[0] - cut[1]) <= 0.02 * cut[0] and cut[0] > 300
+    assert all(sum(row["bad_quality_beats"].values()) == 0 for row in rows.values())

@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from monitor.stream.quality import FLAT, LEAD_OFF, NOISE, SATURATION, check, check_many, check_segments
+from monitor.stream.quality import (FLAT, LEAD_OFF, NOISE, SATURATION, QualityConfig, check, check_many,
+                                    check_segments)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -51,10 +52,24 @@ def test_lead_off_fails(fs):
 
 
 @pytest.mark.parametrize("fs", RATES)
+def test_a_smooth_extremum_shorter_than_clip_s_is_not_saturation(fs):
+    """Saturation is a time at the extreme, whatever the rate: a wave that stays within the tolerance of its
+    peak for 90% of clip_s passes at every rate and sampling phase (counting samples instead, three samples
+    of it at 125 Hz, 16 ms apart end to end, read as 24 ms)."""
+    config = QualityConfig()
+    theta = np.arccos(1 - 2 * config.clip_tolerance)  # a cosine's range is 2: within tolerance while |phase| <= theta
+    hz = theta / (np.pi * 0.9 * config.clip_s)
+    t = np.arange(2 * fs) / fs
+    for phase in np.linspace(0, 2 * np.pi, 12, endpoint=False):
+        assert check(np.cos(2 * np.pi * hz * t + phase), fs, config).reason != SATURATION
+
+
+@pytest.mark.parametrize("fs", RATES)
 def test_clipping_fails(fs):
     x = ecg(fs)
     assert check(np.clip(x, None, x.min() + 0.6 * np.ptp(x)), fs).reason == SATURATION
-    assert check(x, fs, rails=(x.min() - 1, x.max() - 0.2 * np.ptp(x))).reason == SATURATION
+    # the same peaks beyond a known rail (an ADC's limit), for about 30 ms at every rate
+    assert check(x, fs, rails=(x.min() - 1, x.min() + 0.6 * np.ptp(x))).reason == SATURATION
 
 
 @pytest.mark.parametrize("fs", RATES)
