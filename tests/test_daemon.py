@@ -43,7 +43,7 @@ MAX_RECORD_BYTES = 20_000
 
 @dataclass
 class Beats:
-    normal: np.ndarray  # (n, L) scored clearly below the threshold
+    normal: np.ndarray  # (n, L) from the middle of the normal beats' errors, below the threshold
     anomalous: np.ndarray  # (n, L) scored clearly above it
     window_length: int
     scorer: Any  # the model, on CPU: the expected alerts are derived with it
@@ -57,7 +57,11 @@ def beats(trained_model, ecg_data_dir) -> Beats:
     x, labels = load_ecg5000(ecg_data_dir, ("TEST",))
     errors = scorer.score(x)
     good = np.array([quality.check(beat, x.shape[1]).ok for beat in x])
-    normal = x[(labels == 1) & (errors < 0.8 * scorer.threshold) & good]
+    # From the middle of the normal beats' errors: each sensor calibrates on its own warm-up, and a stream drawn
+    # from all ECG5000 normals raises false alerts at the policy's design rate (up to 1 per sensor-hour), which
+    # 14 sensors can meet by chance (three beats near the 95th percentile in a row did, once the pool changed)
+    low, high = np.percentile(errors[(labels == 1) & good], [10, 70])
+    normal = x[(labels == 1) & (errors >= low) & (errors <= min(high, 0.8 * scorer.threshold)) & good]
     # 1.5 x: a run of 3 beats just above the threshold (1.2 x) does not always lift the mean of
     # 3 calibrated scores over the fire level (measured: 1 of 20 sensors missed with these streams)
     anomalous = x[(labels != 1) & (errors > 1.5 * scorer.threshold) & good]
