@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.signal import resample_poly
 from tqdm import tqdm
 
+from bench.rpeaks import resample
 from monitor.core.artefact import Artefact
 from monitor.core.scoring import Scorer
 from trainer import recordings
@@ -33,19 +32,18 @@ REPO = Path(__file__).resolve().parents[1]
 AS_RECORDED = "as recorded"
 
 
-def resampled(record: recordings.Recording, fs: float) -> recordings.Recording:
-    """The record at `fs` Hz, its reference beats at the nearest new sample."""
-    ratio = Fraction(fs / record.fs).limit_denominator(1000)
-    signal = resample_poly(record.signal, ratio.numerator, ratio.denominator)
+def resampled(record: recordings.Recording, fs: int) -> recordings.Recording:
+    """The record at `fs` Hz, its reference beats at the nearest new sample (`bench.rpeaks.resample`)."""
     annotations = record.annotations
+    samples = np.empty(0, dtype=np.int64) if annotations is None else annotations.samples
+    signal, samples = resample(record.signal, record.fs, samples, fs)
     if annotations is not None:
-        samples = np.round(annotations.samples * float(ratio)).astype(np.int64)
         keep = samples < len(signal)
         annotations = recordings.Annotations(samples[keep], annotations.classes[keep])
     return recordings.Recording(record.name, signal, float(fs), record.lead, annotations)
 
 
-def figures(scorer: Scorer, records: list[recordings.Recording], fs: float | None) -> dict[str, Any]:
+def figures(scorer: Scorer, records: list[recordings.Recording], fs: int | None) -> dict[str, Any]:
     """The pooled evaluation of the records at `fs` (None: as recorded)."""
     prior, policy = served_policy(scorer.artefact)
     results = []
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.rates", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a folder of WFDB records with .atr reference beats")
-    parser.add_argument("--rates", type=float, nargs="+", default=[128.0, 250.0], help="rates to resample to (Hz)")
+    parser.add_argument("--rates", type=int, nargs="+", default=[128, 250], help="rates to resample to (Hz)")
     parser.add_argument("--model", type=Path, default=REPO / "monitor" / "models" / "default.pt")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results directory")
     args = parser.parse_args(argv)
