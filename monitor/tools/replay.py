@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 BEAT_LENGTH = 140
 ECG_FS = 140.0
 NORMAL_CLASS = 1
+#: ECG5000 beside the checkout (the workspace's shared/data, where the tests look too): read before downloading,
+#: so the demo and the replayer run offline where a copy is at hand.
+LOCAL_ECG5000 = Path(__file__).resolve().parents[3] / "shared" / "data" / "ECG5000"
 
 #: samples/s per sensor, or "realtime" (each stream's fs) or "max" (no pacing).
 Rate = float | Literal["realtime", "max"]
@@ -459,7 +462,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the record's length / sensors)")
     parser.add_argument("--data", default=env("ECG5000_DIR"),
                         help="directory with ECG5000_TRAIN.txt/ECG5000_TEST.txt (env ECG5000_DIR); "
-                             "default: download to the cache")
+                             "default: ../shared/data/ECG5000 beside the checkout, else a download to the cache")
     parser.add_argument("--sensors", type=int, default=20, help="number of sensors")
     parser.add_argument("--anomalous-fraction", type=float, default=0.25,
                         help="share of sensors that get runs of anomalous beats (ecg5000 only)")
@@ -494,10 +497,12 @@ def build_streams(args: argparse.Namespace) -> list[SensorStream]:
 
 
 def ensure_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A directory holding ECG5000: the one given, else the trainer's download (into `cache_dir`,
-    default the trainer's cache, ~/.cache/ecg-monitor on Linux)."""
+    """A directory holding ECG5000: the one given, else LOCAL_ECG5000 when it holds the data, else the trainer's
+    download (into `cache_dir`, default the trainer's cache, ~/.cache/ecg-monitor on Linux)."""
     if data:
         return Path(data)
+    if any(LOCAL_ECG5000.glob("ECG5000_TEST.*")):
+        return LOCAL_ECG5000
     try:
         return download_ecg5000(Path(default_cache_dir() if cache_dir is None else cache_dir))
     except DataError as exc:
