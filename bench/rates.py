@@ -55,6 +55,7 @@ def figures(scorer: Scorer, records: list[recordings.Recording], fs: int | None)
     return {"false_alerts": pooled["false_alerts"], "normal_hours": pooled["normal_hours"],
             "false_alerts_per_hour": pooled["false_alerts_per_hour"],
             "runs_3plus_alerting": pooled["runs_3plus"]["alerting"], "runs_3plus": pooled["runs_3plus"]["runs"],
+            "runs_3plus_most": pooled["runs_3plus"]["most_runs"],
             "bad_quality_beats": pooled["bad_quality_beats"], "beats": pooled["beats"],
             "v_vs_n_policy_auroc": inputs.get("V"), "s_vs_n_policy_auroc": inputs.get("S")}
 
@@ -62,6 +63,13 @@ def figures(scorer: Scorer, records: list[recordings.Recording], fs: int | None)
 def markdown(model: str, rows: dict[str, dict[str, Any]], n_records: int) -> str:
     def auroc(spread: dict[str, Any] | None) -> str:
         return "-" if spread is None else f"{spread['median']:.3f} / {spread['min']:.3f}"
+
+    def runs(r: dict[str, Any]) -> str:
+        most, alerting, total = r["runs_3plus_most"], r["runs_3plus_alerting"], r["runs_3plus"]
+        if not most:
+            return f"{alerting} / {total}"
+        rest = f"{alerting - most['alerting']} / {total - most['runs']}"
+        return f"{alerting} / {total} (without {most['recording']}: {rest})"
 
     lines = [f"# Other sampling rates (`python -m bench.rates`, {datetime.date.today()})", "",
              f"Model `{model}`, its served alert policy; {n_records} annotated records, each one sensor from its "
@@ -73,7 +81,7 @@ def markdown(model: str, rows: dict[str, dict[str, Any]], n_records: int) -> str
         bad = sum(r["bad_quality_beats"].values())
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["bad_quality_beats"].items()) if v)
         lines.append(f"| {rate} | {r['false_alerts_per_hour']:.2f} ({r['false_alerts']}, {r['normal_hours']:.1f} h) | "
-                     f"{r['runs_3plus_alerting']} / {r['runs_3plus']} | {bad} of {r['beats']} ({reasons}) | "
+                     f"{runs(r)} | {bad} of {r['beats']} ({reasons}) | "
                      f"{auroc(r['v_vs_n_policy_auroc'])} | {auroc(r['s_vs_n_policy_auroc'])} |")
     return "\n".join(lines) + "\n"
 

@@ -225,6 +225,9 @@ def test_evaluate_on_a_database_pools_the_patients_figures(fitted, excerpt, tmp_
     assert set(pooled["policy_input_auroc_by_class"]) <= set(pooled["auroc_by_class"])
     assert pooled["runs_3plus"]["runs"] == sum(s["runs_3plus"]["runs"] for s in streams)
     assert pooled["runs_3plus"]["alerting"] <= pooled["runs_3plus"]["runs"]
+    most = pooled["runs_3plus"]["most_runs"]
+    assert most["runs"] == max(s["runs_3plus"]["runs"] for s in streams)
+    assert most["recording"] in {r["recording"] for r in result["recordings"]}
     assert pooled["detection_by_class"]["S"]["runs"] == 2 * streams[0]["detection_by_class"]["S"]["runs"]
     main(["evaluate", "--model", str(model), "--data", str(tmp_path)])
     assert "all 2 recordings" in capsys.readouterr().out

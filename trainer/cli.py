@@ -208,6 +208,15 @@ def _quality_summary(figures: dict[str, Any]) -> str:
             f"{alerts} signal_quality alert{'' if alerts == 1 else 's'}")
 
 
+def _most_runs(runs: dict[str, Any]) -> str:
+    """The recording holding the most runs of 3+, and the pooled count without it."""
+    most = runs.get("most_runs")
+    if not most or not most["runs"]:
+        return ""
+    return (f" ({most['recording']} holds {most['runs']} of them, {most['alerting']} with an alert open; without it "
+            f"{runs['alerting'] - most['alerting']}/{runs['runs'] - most['runs']})")
+
+
 def _pooled_summary(p: dict[str, Any]) -> str:
     def runs(row: dict[str, Any]) -> str:
         return f"{row['detected']}/{row['runs']}"
@@ -217,7 +226,7 @@ def _pooled_summary(p: dict[str, Any]) -> str:
     lines = [f"all {p['recordings']} recordings ({p['hours']:.1f} h, {p['beats']} beats): {p['alerts']} alerts, "
              f"{p['false_alerts']} false = {rate} per hour over {p['normal_hours']:.2f} h outside non-normal stretches",
              f"  runs detected by length (beats): {by_length}; runs of 3+ beats with an alert open at one of "
-             f"their beats: {p['runs_3plus']['alerting']}/{p['runs_3plus']['runs']}",
+             f"their beats: {p['runs_3plus']['alerting']}/{p['runs_3plus']['runs']}{_most_runs(p['runs_3plus'])}",
              "  runs detected by class: " + ", ".join(f"{k} {runs(v)}" for k, v in p["detection_by_class"].items()),
              "  " + _quality_summary(p)]
     for what, key in (("error", "auroc_by_class"), ("policy input", "policy_input_auroc_by_class")):
