@@ -16,7 +16,7 @@ from monitor.stream.policy import FIRING, ScorePolicy, ScorePolicyConfig
 from monitor.stream.template import TemplateConfig
 from trainer.streams import (Scored, Stream, alerted_runs, annotated_stream, choose_operating_point, combine,
                              ecg5000_streams, event_stats, evaluate, fired, legacy_fired, nab_raw, nab_score,
-                             nab_sigmoid, nab_windows, open_alert, per_class_auroc, plot_operating_curve,
+                             nab_sigmoid, nab_windows, open_between, per_class_auroc, plot_operating_curve,
                              policy_alerts, run_policy)
 
 
@@ -219,7 +219,7 @@ def test_a_run_inside_an_alert_already_open_counts_as_alerting_though_not_as_det
     scores[5:19] = 10.0  # fires at 5, stays open through the second run, resolves after it
     config = ScorePolicyConfig(window=1, fire_level=3.0, resolve_level=1.0, resolve_beats=2)
     s = scored(labels, scores)
-    is_open = open_alert(s, config)
+    is_open = open_between(policy_alerts(s, config), len(labels))
     assert np.flatnonzero(is_open).tolist() == list(range(5, 20))  # resolved at beat 20: 2 low beats after 18
     assert alerted_runs(s.stream, is_open) == (3, 2)
     assert alerted_runs(s.stream, is_open, warmup_beats=10) == (2, 1)

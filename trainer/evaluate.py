@@ -18,7 +18,7 @@ from monitor.core.artefact import Artefact
 from monitor.core.scoring import Scorer
 from monitor.stream.calibration import CalibrationConfig, Calibrator, Prior
 from monitor.stream import quality
-from monitor.stream.policy import SIGNAL_QUALITY, ScorePolicyConfig
+from monitor.stream.policy import FIRING, SIGNAL_QUALITY, ScorePolicyConfig
 from trainer import streams
 from trainer import data as data_mod
 from trainer.data import ECG5000_CLASSES, BeatOrigin
@@ -359,9 +359,10 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
     stream = streams.annotated_stream(rec.name, errors, cut.beats.r_peak / rec.fs, labels.tolist(), clean_samples,
                                       windows=cut.beats.recorded_windows(), rr_s=cut.beats.rr_s)
     warmup, policy = CalibrationConfig().warmup_beats, policy or ScorePolicyConfig()
-    scored, alerts = streams.run_policy([stream], prior, policy=policy)
-    stream_metrics = streams.evaluate(scored, alerts, warmup_beats=warmup)
-    transitions = streams.policy_alerts(scored[0], policy)  # exact, beat by beat: open alerts, signal quality
+    scored = streams.policy_input(stream, Calibrator(prior), policy)
+    transitions = streams.policy_alerts(scored, policy)  # exact, beat by beat: open alerts, signal quality
+    fired = np.array([i for i, t in transitions if t == FIRING], dtype=np.int64)
+    stream_metrics = streams.evaluate([scored], [fired], warmup_beats=warmup)
     long_runs, alerting = streams.alerted_runs(stream, streams.open_between(transitions, len(stream)),
                                                warmup_beats=warmup)
     artefact = clean_samples & ~np.asarray(stream.good_quality, dtype=bool)  # the template's motion artefacts
@@ -372,7 +373,7 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
             "rpeaks": rpeak_accuracy(cut) if rec.annotations is not None else None,
             "heart_rate_bpm": {"median": float(60 / np.median(cut.beats.rr_s))} if len(cut.beats) else None,
             "stream": {"policy": asdict(policy), "warmup_beats": warmup,
-                       "alerts": int(len(alerts[0])), **_json_row(stream_metrics),
+                       "alerts": int(len(fired)), **_json_row(stream_metrics),
                        "runs_3plus": {"runs": long_runs, "alerting": alerting},
                        "bad_quality_beats": bad_beats,
                        "signal_quality_alerts": sum(t == SIGNAL_QUALITY for _, t in transitions)},

@@ -169,14 +169,9 @@ def policy_alerts(scored: Scored, config: ScorePolicyConfig) -> list[tuple[int, 
     return out
 
 
-def open_alert(scored: Scored, config: ScorePolicyConfig) -> np.ndarray:
-    """Per beat, whether an anomaly alert is open at it: from the beat that fires it up to the one before the
-    beat that resolves it (`policy_alerts`, beat by beat)."""
-    return open_between(policy_alerts(scored, config), len(scored.scores))
-
-
 def open_between(transitions: list[tuple[int, str]], n_beats: int) -> np.ndarray:
-    """`open_alert` from a stream's `policy_alerts` transitions."""
+    """Per beat, whether an anomaly alert is open at it, from a stream's `policy_alerts` transitions: from the
+    beat that fires it up to the one before the beat that resolves it."""
     is_open = np.zeros(n_beats, dtype=bool)
     since: int | None = None
     for i, transition in transitions:
