@@ -56,6 +56,7 @@ def figures(scorer: Scorer, records: list[recordings.Recording], fs: int | None)
             "false_alerts_per_hour": pooled["false_alerts_per_hour"],
             "runs_3plus_alerting": pooled["runs_3plus"]["alerting"], "runs_3plus": pooled["runs_3plus"]["runs"],
             "runs_3plus_most": pooled["runs_3plus"]["most_runs"],
+            "ventricular_runs_3plus": pooled["ventricular_runs_3plus"],
             "bad_quality_beats": pooled["bad_quality_beats"], "beats": pooled["beats"],
             "v_vs_n_policy_auroc": inputs.get("V"), "s_vs_n_policy_auroc": inputs.get("S")}
 
@@ -74,14 +75,15 @@ def markdown(model: str, rows: dict[str, dict[str, Any]], n_records: int) -> str
     lines = [f"# Other sampling rates (`python -m bench.rates`, {datetime.date.today()})", "",
              f"Model `{model}`, its served alert policy; {n_records} annotated records, each one sensor from its "
              "start, resampled in memory (`resample_poly`). Baseline: the records as recorded.", "",
-             "| rate | false alerts / h (count, normal hours) | runs of 3+ with an alert open | bad-quality beats "
-             "(by reason) | V vs N policy-input AUROC, median / worst | S vs N, median / worst |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| rate | false alerts / h (count, normal hours) | runs of 3+ with an alert open | ventricular runs "
+             "(3+ V beats in a row) with an alert open | bad-quality beats (by reason) | V vs N policy-input AUROC, "
+             "median / worst | S vs N, median / worst |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for rate, r in rows.items():
-        bad = sum(r["bad_quality_beats"].values())
+        bad, v_runs = sum(r["bad_quality_beats"].values()), r["ventricular_runs_3plus"]
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["bad_quality_beats"].items()) if v)
         lines.append(f"| {rate} | {r['false_alerts_per_hour']:.2f} ({r['false_alerts']}, {r['normal_hours']:.1f} h) | "
-                     f"{runs(r)} | {bad} of {r['beats']} ({reasons}) | "
+                     f"{runs(r)} | {v_runs['alerting']} / {v_runs['runs']} | {bad} of {r['beats']} ({reasons}) | "
                      f"{auroc(r['v_vs_n_policy_auroc'])} | {auroc(r['s_vs_n_policy_auroc'])} |")
     return "\n".join(lines) + "\n"
 

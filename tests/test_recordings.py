@@ -225,6 +225,8 @@ def test_evaluate_on_a_database_pools_the_patients_figures(fitted, excerpt, tmp_
     assert set(pooled["policy_input_auroc_by_class"]) <= set(pooled["auroc_by_class"])
     assert pooled["runs_3plus"]["runs"] == sum(s["runs_3plus"]["runs"] for s in streams)
     assert pooled["runs_3plus"]["alerting"] <= pooled["runs_3plus"]["runs"]
+    for key in ("runs", "alerting"):
+        assert pooled["ventricular_runs_3plus"][key] == sum(s["ventricular_runs_3plus"][key] for s in streams)
     most = pooled["runs_3plus"]["most_runs"]
     assert most["runs"] == max(s["runs_3plus"]["runs"] for s in streams)
     assert most["recording"] in {r["recording"] for r in result["recordings"]}

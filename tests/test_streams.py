@@ -226,6 +226,18 @@ def test_a_run_inside_an_alert_already_open_counts_as_alerting_though_not_as_det
     assert event_stats(s.stream, fired(s, config)).detected == 1  # fired only within the first run
 
 
+def test_ventricular_runs_count_consecutive_ventricular_beats_only():
+    """Three ventricular beats in a row (non-sustained VT) make a ventricular run; a run of mixed or atrial
+    beats does not, and a ventricular triplet inside a longer mixed run still does."""
+    labels = "NNVVVNNSSSNNVVSNNSVVVSNN"  # V runs at 2-4, 18-20 (inside the mixed run 17-21); S run at 7-9
+    s = scored(labels, np.zeros(len(labels)))
+    is_open = np.zeros(len(labels), dtype=bool)
+    is_open[19] = True
+    assert alerted_runs(s.stream, is_open, label="V") == (2, 1)
+    assert alerted_runs(s.stream, is_open) == (4, 1)  # every run of 3+ non-normal beats
+    assert alerted_runs(s.stream, is_open, label="S") == (1, 0)
+
+
 @pytest.mark.parametrize("with_anomalies", [True, False])
 def test_the_operating_point_keeps_the_policys_fixed_parts_and_serves_the_input_it_was_chosen_on(with_anomalies):
     from trainer.evaluate import operating_point

@@ -194,7 +194,7 @@ def _recording_summary(r: dict[str, Any]) -> str:
                  f"{st['alerts']} alerts, {st['false_alerts']} false = {f(st['false_alerts_per_hour'])} per hour "
                  f"over {st['normal_hours']:.2f} h outside non-normal stretches; "
                  f"runs detected {st['detected']}/{st['runs']}; runs of 3+ beats with an alert open "
-                 f"{st['runs_3plus']['alerting']}/{st['runs_3plus']['runs']}")
+                 f"{st['runs_3plus']['alerting']}/{st['runs_3plus']['runs']}{_ventricular_runs(st)}")
     lines.append("  " + _quality_summary(st))
     return "\n".join(lines)
 
@@ -206,6 +206,12 @@ def _quality_summary(figures: dict[str, Any]) -> str:
     alerts = figures["signal_quality_alerts"]
     return (f"signal quality: {sum(bad.values())} beats bad{reasons}, "
             f"{alerts} signal_quality alert{'' if alerts == 1 else 's'}")
+
+
+def _ventricular_runs(figures: dict[str, Any]) -> str:
+    """"; ventricular runs (3+ V beats in a row) with an alert open a/b", where there are any."""
+    v = figures["ventricular_runs_3plus"]
+    return f"; ventricular runs (3+ V beats in a row) {v['alerting']}/{v['runs']}" if v["runs"] else ""
 
 
 def _most_runs(runs: dict[str, Any]) -> str:
@@ -227,6 +233,8 @@ def _pooled_summary(p: dict[str, Any]) -> str:
              f"{p['false_alerts']} false = {rate} per hour over {p['normal_hours']:.2f} h outside non-normal stretches",
              f"  runs detected by length (beats): {by_length}; runs of 3+ beats with an alert open at one of "
              f"their beats: {p['runs_3plus']['alerting']}/{p['runs_3plus']['runs']}{_most_runs(p['runs_3plus'])}",
+             "  ventricular runs (3+ ventricular beats in a row: non-sustained VT or longer) with an alert open: "
+             f"{p['ventricular_runs_3plus']['alerting']}/{p['ventricular_runs_3plus']['runs']}",
              "  runs detected by class: " + ", ".join(f"{k} {runs(v)}" for k, v in p["detection_by_class"].items()),
              "  " + _quality_summary(p)]
     for what, key in (("error", "auroc_by_class"), ("policy input", "policy_input_auroc_by_class")):

@@ -22,7 +22,8 @@ from monitor.stream.policy import FIRING, SIGNAL_QUALITY, ScorePolicyConfig
 from trainer import streams
 from trainer import data as data_mod
 from trainer.data import ECG5000_CLASSES, BeatOrigin
-from trainer.recordings import AAMI_NAMES, NORMAL, UNMATCHED, RecordingBeats, rpeak_accuracy, sample_problems
+from trainer.recordings import (AAMI_NAMES, NORMAL, UNMATCHED, VENTRICULAR, RecordingBeats, rpeak_accuracy,
+                                sample_problems)
 from trainer.split import split
 
 #: Share of ECG5000's anomalous beats (stratified per class) a multi-source model's operating point is
@@ -363,8 +364,9 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
     transitions = streams.policy_alerts(scored, policy)  # exact, beat by beat: open alerts, signal quality
     fired = np.array([i for i, t in transitions if t == FIRING], dtype=np.int64)
     stream_metrics = streams.evaluate([scored], [fired], warmup_beats=warmup)
-    long_runs, alerting = streams.alerted_runs(stream, streams.open_between(transitions, len(stream)),
-                                               warmup_beats=warmup)
+    is_open = streams.open_between(transitions, len(stream))
+    long_runs, alerting = streams.alerted_runs(stream, is_open, warmup_beats=warmup)
+    v_runs, v_alerting = streams.alerted_runs(stream, is_open, warmup_beats=warmup, label=VENTRICULAR)
     artefact = clean_samples & ~np.asarray(stream.good_quality, dtype=bool)  # the template's motion artefacts
     bad_beats = {**Counter(p for p in problems if p), quality.ARTEFACT: int(artefact.sum())}
     return {"recording": rec.name, "fs": rec.fs, "duration_s": rec.duration_s, "beats": int(len(labels)),
@@ -375,6 +377,7 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
             "stream": {"policy": asdict(policy), "warmup_beats": warmup,
                        "alerts": int(len(fired)), **_json_row(stream_metrics),
                        "runs_3plus": {"runs": long_runs, "alerting": alerting},
+                       "ventricular_runs_3plus": {"runs": v_runs, "alerting": v_alerting},
                        "bad_quality_beats": bad_beats,
                        "signal_quality_alerts": sum(t == SIGNAL_QUALITY for _, t in transitions)},
             "errors": {"normal": error_stats(errors[normal]), "other": error_stats(errors[~normal])}}
@@ -393,6 +396,7 @@ def pool_recordings(results: list[dict[str, Any]], min_class_beats: int = 10) ->
     # left open there covers dozens of them: the pooled count is read with and without that recording
     most = max(results, key=lambda r: r["stream"]["runs_3plus"]["runs"], default=None)
     long_runs["most_runs"] = None if most is None else {"recording": most["recording"], **most["stream"]["runs_3plus"]}
+    v_runs = {k: sum(s["ventricular_runs_3plus"][k] for s in streams_) for k in ("runs", "alerting")}
     bad_beats = sum((Counter(s["bad_quality_beats"]) for s in streams_), Counter())
     normal_hours = float(sum(s["normal_hours"] for s in streams_))
     aurocs: dict[str, list[float]] = {}
@@ -409,7 +413,7 @@ def pool_recordings(results: list[dict[str, Any]], min_class_beats: int = 10) ->
             "detection_rate": counts["detected"] / counts["runs"] if counts["runs"] else None,
             "detection_by_class": _pooled_rates([s["detection_by_class"] for s in streams_]),
             "detection_by_length": _pooled_rates([s["detection_by_length"] for s in streams_]),
-            "runs_3plus": long_runs, "bad_quality_beats": dict(bad_beats),
+            "runs_3plus": long_runs, "ventricular_runs_3plus": v_runs, "bad_quality_beats": dict(bad_beats),
             "signal_quality_alerts": sum(s["signal_quality_alerts"] for s in streams_),
             "auroc_by_class": _spread(aurocs), "policy_input_auroc_by_class": _spread(policy_aurocs),
             "min_class_beats": min_class_beats}

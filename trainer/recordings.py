@@ -35,6 +35,7 @@ from trainer.streams import AAMI  # MIT-BIH beat symbol -> AAMI class; other sym
 AAMI_NAMES = {"N": "normal", "S": "supraventricular ectopic", "V": "ventricular ectopic", "F": "fusion",
               "Q": "paced / unclassifiable"}
 NORMAL = "N"
+VENTRICULAR = "V"
 #: Label of a detected beat that matches no reference beat (a false detection, or an unannotated beat).
 UNMATCHED = "-"
 #: A detection matches a reference beat within this distance (the usual R-peak scoring tolerance).

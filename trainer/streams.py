@@ -184,12 +184,14 @@ def open_between(transitions: list[tuple[int, str]], n_beats: int) -> np.ndarray
     return is_open
 
 
-def alerted_runs(stream: Stream, is_open: np.ndarray, min_length: int = 3, warmup_beats: int = 0
-                 ) -> tuple[int, int]:
+def alerted_runs(stream: Stream, is_open: np.ndarray, min_length: int = 3, warmup_beats: int = 0,
+                 label: str | None = None) -> tuple[int, int]:
     """(runs of at least `min_length` non-normal beats starting after the warm-up, how many have an anomaly
     alert open at one of their beats). Unlike `event_stats`' detection, a run inside an alert that is already
-    open counts: what a clinician watching the sensor sees."""
-    runs = [(a, b) for a, b in stream.runs if b - a >= min_length and a >= warmup_beats]
+    open counts: what a clinician watching the sensor sees. With `label`, runs of beats of that class only
+    (label "V", min_length 3: ventricular tachycardia, non-sustained or longer)."""
+    stretches = stream.runs if label is None else runs_of(np.asarray(stream.labels) == label)
+    runs = [(a, b) for a, b in stretches if b - a >= min_length and a >= warmup_beats]
     return len(runs), sum(bool(is_open[a:b].any()) for a, b in runs)
 
 
