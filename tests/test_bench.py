@@ -143,3 +143,31 @@ def test_the_rates_benchmark_scores_a_record_resampled_as_it_scores_it_as_record
     cut = [row["beats"] for row in rows.values()]
     assert abs(cut[0] - cut[1]) <= 0.02 * cut[0] and cut[0] > 300
     assert all(sum(row["bad_quality_beats"].values()) == 0 for row in rows.values())
+
+
+def test_the_rpeak_benchmark_pools_detectors_over_records_and_names_the_worst(record_100, tmp_path):
+    """Two records cut from record 100's first 2 minutes, one with its reference beats moved 0.4 s late (no
+    detector can match them): every detector is run on both, its pooled figures are the sums, and the worst record
+    of each is the moved one."""
+    import wfdb
+
+    from bench import rpeaks
+
+    signal, beats = record_100
+    signal, beats = signal[: 120 * 360], beats[beats < 120 * 360 - 200]
+    for name, truth in (("good", beats), ("moved", beats + 144)):
+        folder = tmp_path / name
+        folder.mkdir()
+        wfdb.wrsamp(name, fs=360, units=["mV"], sig_name=["MLII"], p_signal=signal[:, None], fmt=["16"],
+                    adc_gain=[200.0], baseline=[0], write_dir=str(folder))
+        wfdb.wrann(name, "atr", truth, symbol=["N"] * len(truth), write_dir=str(folder))
+    scores = rpeaks.run_records(tmp_path)
+    summary = rpeaks.records_summary(scores)
+    assert set(summary) == set(rpeaks.detectors())
+    online = summary["online (sleepecg, monitor.stream.rpeaks)"]
+    mine = [s for s in scores if s.detector == "online (sleepecg, monitor.stream.rpeaks)"]
+    assert {s.case for s in mine} == {"good:MLII", "moved:MLII"}
+    tp, fn = sum(s.tp for s in mine), sum(s.fn for s in mine)
+    assert online["se"] == tp / (tp + fn) and 0.45 < online["se"] < 0.55  # all of one record, none of the other
+    assert online["worst_se_record"] == online["worst_ppv_record"] == "moved:MLII" and online["records_below"] == 1
+    assert "| online (sleepecg, monitor.stream.rpeaks) |" in rpeaks.records_markdown(scores, tmp_path)
