@@ -385,10 +385,10 @@ def evaluate_recording(scorer: Scorer, cut: RecordingBeats, prior: Prior,
 
 def pool_recordings(results: list[dict[str, Any]], min_class_beats: int = 10) -> dict[str, Any]:
     """Figures over several recordings (`evaluate_recording` results, one patient each): alert and run counts
-    summed (runs of 3+ also for the recording that holds the most of them), false alerts per hour over the summed
-    normal hours; per class, the spread of the per-recording AUROC (over recordings with at least
-    `min_class_beats` of that class), since patients are what varies: of the raw errors, and of the alert
-    policy's input (calibrated score + rhythm, after the warm-up)."""
+    summed (runs of 3+ also for the recording that holds the most of them; ventricular runs apart), false
+    alerts per hour over the summed normal hours; per class, the spread of the per-recording AUROC (over
+    recordings with at least `min_class_beats` of that class), since patients are what varies: of the raw
+    errors, and of the alert policy's input (calibrated score + rhythm, after the warm-up)."""
     streams_ = [r["stream"] for r in results]
     counts = {k: sum(s[k] for s in streams_) for k in ("alerts", "false_alerts", "runs", "detected")}
     long_runs: dict[str, Any] = {k: sum(s["runs_3plus"][k] for s in streams_) for k in ("runs", "alerting")}
