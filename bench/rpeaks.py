@@ -3,7 +3,6 @@
     python -m bench.rpeaks [--quick]
     python -m bench.rpeaks --data DIR
 
-
 Detectors: neurokit2's (each with its own cleaning where neurokit2 has one) and sleepecg's. Accuracy on MIT-BIH
 record 100 (both leads at 360 Hz, MLII resampled to 125/250/500 Hz with resample_poly, MLII with added noise)
 and on synthetic ECG (neurokit2.ecg_simulate) at several rates and heart rates, with and without noise.
@@ -220,8 +219,8 @@ def run_records(directory: Path) -> list[Score]:
         record = recordings.read_wfdb(header)
         if record.annotations is None:
             continue
+        truth = record.annotations.samples
         for name, detect in dets.items():
-            truth = record.annotations.samples
             scores.append(run_case(name, detect, record.name, record.signal, int(record.fs), truth))
     return scores
 
@@ -315,7 +314,7 @@ def markdown(scores: list[Score], quick: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 minutes of record 100 and 30 s synthetic")
-    parser.add_argument("--data", type=Path, help="every annotated WFDB record under DIR instead "
+    parser.add_argument("--data", type=Path, metavar="DIR", help="every annotated WFDB record under DIR instead "
                         "(writes rpeaks-records.*)")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
