@@ -240,11 +240,16 @@ def default_cache_dir() -> Path:
     return Path(override) if override else Path(pooch.os_cache("ecg-monitor"))
 
 
+def holds_ecg5000(directory: Path) -> bool:
+    """Whether `directory` already holds an ECG5000 copy (its test split, at any depth: `load` searches so)."""
+    return directory.is_dir() and any(directory.rglob("ECG5000_TEST.*"))
+
+
 def download_ecg5000(cache_dir: Path) -> Path:
     """Fetch and unzip ECG5000 into cache_dir once (pooch caches it); return the directory.
     Integrity is checked on the parsed values (ECG5000_DIGEST), not the zip bytes."""
     target = Path(cache_dir) / "ECG5000"
-    if target.is_dir() and any(target.rglob("ECG5000_TEST.*")):
+    if holds_ecg5000(target):
         return target
     try:
         pooch.retrieve(ECG5000_URL, known_hash=None, fname="ECG5000.zip", path=cache_dir,

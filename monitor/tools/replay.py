@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from monitor.daemon.settings import MonitorSettings
 from monitor.stream.wire import encode_input
-from trainer.data import DataError, default_cache_dir, download_ecg5000, load
+from trainer.data import DataError, default_cache_dir, download_ecg5000, holds_ecg5000, load
 from trainer.split import split
 
 if TYPE_CHECKING:
@@ -501,7 +501,7 @@ def ensure_data(data: str | os.PathLike | None, cache_dir: str | os.PathLike | N
     download (into `cache_dir`, default the trainer's cache, ~/.cache/ecg-monitor on Linux)."""
     if data:
         return Path(data)
-    if any(LOCAL_ECG5000.glob("ECG5000_TEST.*")):
+    if holds_ecg5000(LOCAL_ECG5000):
         return LOCAL_ECG5000
     try:
         return download_ecg5000(Path(default_cache_dir() if cache_dir is None else cache_dir))
