@@ -25,7 +25,7 @@ from bench.rpeaks import resample
 from monitor.core.artefact import Artefact
 from monitor.core.scoring import Scorer
 from trainer import recordings
-from trainer.evaluate import evaluate_recording, pool_recordings
+from trainer.evaluate import evaluate_recording, pool_recordings, without_most
 from trainer.pipeline import CONVENTION, served_policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +54,7 @@ def figures(scorer: Scorer, records: list[recordings.Recording], fs: int | None)
     inputs = pooled["policy_input_auroc_by_class"]
     return {"false_alerts": pooled["false_alerts"], "normal_hours": pooled["normal_hours"],
             "false_alerts_per_hour": pooled["false_alerts_per_hour"],
-            "runs_3plus_alerting": pooled["runs_3plus"]["alerting"], "runs_3plus": pooled["runs_3plus"]["runs"],
-            "runs_3plus_most": pooled["runs_3plus"]["most_runs"],
-            "ventricular_runs_3plus": pooled["ventricular_runs_3plus"],
+            "runs_3plus": pooled["runs_3plus"], "ventricular_runs_3plus": pooled["ventricular_runs_3plus"],
             "bad_quality_beats": pooled["bad_quality_beats"], "beats": pooled["beats"],
             "v_vs_n_policy_auroc": inputs.get("V"), "s_vs_n_policy_auroc": inputs.get("S")}
 
@@ -66,11 +64,11 @@ def markdown(model: str, rows: dict[str, dict[str, Any]], n_records: int) -> str
         return "-" if spread is None else f"{spread['median']:.3f} / {spread['min']:.3f}"
 
     def runs(r: dict[str, Any]) -> str:
-        most, alerting, total = r["runs_3plus_most"], r["runs_3plus_alerting"], r["runs_3plus"]
-        if not most:
-            return f"{alerting} / {total}"
-        rest = f"{alerting - most['alerting']} / {total - most['runs']}"
-        return f"{alerting} / {total} (without {most['recording']}: {rest})"
+        runs_3plus, rest = r["runs_3plus"], without_most(r["runs_3plus"])
+        both = f"{runs_3plus['alerting']} / {runs_3plus['runs']}"
+        if rest is None:
+            return both
+        return f"{both} (without {runs_3plus['most_runs']['recording']}: {rest[0]} / {rest[1]})"
 
     lines = [f"# Other sampling rates (`python -m bench.rates`, {datetime.date.today()})", "",
              f"Model `{model}`, its served alert policy; {n_records} annotated records, each one sensor from its "

@@ -216,11 +216,14 @@ def _ventricular_runs(figures: dict[str, Any]) -> str:
 
 def _most_runs(runs: dict[str, Any]) -> str:
     """The recording holding the most runs of 3+, and the pooled count without it."""
-    most = runs.get("most_runs")
-    if not most or not most["runs"]:
+    from trainer.evaluate import without_most  # imported on use, like the rest of evaluate: --help stays fast
+
+    rest = without_most(runs)
+    if rest is None:
         return ""
+    most = runs["most_runs"]
     return (f" ({most['recording']} holds {most['runs']} of them, {most['alerting']} with an alert open; without it "
-            f"{runs['alerting'] - most['alerting']}/{runs['runs'] - most['runs']})")
+            f"{rest[0]}/{rest[1]})")
 
 
 def _pooled_summary(p: dict[str, Any]) -> str:

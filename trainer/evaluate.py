@@ -419,6 +419,15 @@ def pool_recordings(results: list[dict[str, Any]], min_class_beats: int = 10) ->
             "min_class_beats": min_class_beats}
 
 
+def without_most(runs_3plus: dict[str, Any]) -> tuple[int, int] | None:
+    """(alerting, runs) of pooled runs of 3+ (`pool_recordings`' "runs_3plus") without the recording that holds
+    the most of them; None when no recording has any."""
+    most = runs_3plus.get("most_runs")
+    if not most or not most["runs"]:
+        return None
+    return runs_3plus["alerting"] - most["alerting"], runs_3plus["runs"] - most["runs"]
+
+
 def _spread(aurocs: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
     """Per class: over how many recordings, median, min and how many below chance."""
     return {cls: {"recordings": len(v), "median": float(np.median(v)), "min": float(min(v)),
