@@ -231,8 +231,9 @@ def records_summary(scores: list[Score], floor: float = 0.99) -> dict[str, dict[
     for name in dict.fromkeys(s.detector for s in scores):
         mine = [s for s in scores if s.detector == name]
         tp, fn, fp = (sum(getattr(s, k) for s in mine) for k in ("tp", "fn", "fp"))
+        pooled = Score(name, "pooled", 0.0, tp + fn, tp, fn, fp, 0.0)
         worst_se, worst_ppv = min(mine, key=lambda s: s.se), min(mine, key=lambda s: s.ppv)
-        out[name] = {"records": len(mine), "se": tp / max(1, tp + fn), "ppv": tp / max(1, tp + fp),
+        out[name] = {"records": len(mine), "se": pooled.se, "ppv": pooled.ppv,
                      "worst_se": worst_se.se, "worst_se_record": worst_se.case,
                      "worst_ppv": worst_ppv.ppv, "worst_ppv_record": worst_ppv.case,
                      "records_below": sum(s.se < floor or s.ppv < floor for s in mine),
