@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -160,15 +161,48 @@ def test_bad_quality_beats_never_raise_anomaly_alerts_and_raise_rate_limited_sig
     assert sum(len(t) for t in got) == 2 and not policy.is_open(KEY)
 
 
+def test_a_fast_run_fires_when_the_mean_stays_under_the_fire_level_and_holds_the_alert_open():
+    config = ScorePolicyConfig(window=3, fire_level=4, resolve_level=2, resolve_beats=2, fast_run_beats=3)
+    policy = ScorePolicy(config)
+    values = [0, 3, 3, 3, 3, 0, 0, 0]  # the mean never exceeds 4
+    fast = [False, True, True, True, True, False, False, False]
+    got = [policy.observe(KEY, v, fast_run_beat=f) for v, f in zip(values, fast, strict=True)]
+    # fires on the third fast-run beat; means 1, 2, 3, 3, 2, 1 (1st below 2), 0 (2nd: resolves)
+    assert got == [[], [], [], [FIRING], [], [], [], [RESOLVED]]
+    two_then_a_break = [True, True, False, True, True]  # never 3 in a row
+    assert not any(ScorePolicy(config).observe(KEY, 0, fast_run_beat=f) for f in two_then_a_break)
+    bad_beat_breaks_it = ScorePolicy(config)
+    got = [bad_beat_breaks_it.observe(KEY, 0, fast_run_beat=True, good_quality=ok) for ok in (True, True, False, True)]
+    assert not any(got)
+    assert not any(ScorePolicy(config).observe(KEY, 0, fast_run_beat=True, calibrating=True) for _ in range(5))
+    off = ScorePolicy(replace(config, fast_run_beats=0))
+    assert not any(off.observe(KEY, 0, fast_run_beat=True) for _ in range(5))
+
+
+def test_a_fast_run_beat_is_fast_and_unlike_the_sensors_usual_beat():
+    config = ScorePolicyConfig(fast_run_level=2.5)
+    assert config.fast_run_beat(3.0, True) and not config.fast_run_beat(2.0, True)
+    assert not config.fast_run_beat(3.0, False) and not config.fast_run_beat(None, True)  # None: template calibrating
+    got = config.fast_run_beat(np.array([3.0, np.nan, 1.0, 9.0]), np.array([True, True, True, False]))
+    assert got.tolist() == [True, False, False, False]
+    assert not replace(config, fast_run_beats=0).fast_run_beat(9.0, True)
+
+
 def test_policy_state_round_trips_and_a_restored_sensor_continues_identically():
-    config = ScorePolicyConfig(window=3, fire_level=3, resolve_level=1)
-    values = [0.5, 4, 5, 6, 0, 0, 0, 0, 0, 0, 7, 8, 9, 0]
+    config = ScorePolicyConfig(window=3, fire_level=3, resolve_level=1, fast_run_beats=3)
+    values = [0.5, 4, 5, 6, 0, 0, 0, 0, 0, 0, 7, 8, 9, 0, 0, 0, 0, 0, 0, 0, 0]
+    fast = [False, True, True] + [False] * 15 + [True] * 3  # a fast run across the snapshot, and one after
     a, b = ScorePolicy(config), ScorePolicy(config)
-    scores(a, values[:3])
-    scores(b, values[:3])
+
+    def observe(policy: ScorePolicy, part: slice) -> list:
+        return [policy.observe(KEY, v, fast_run_beat=f) for v, f in zip(values[part], fast[part], strict=True)]
+
+    observe(a, slice(0, 3))
+    observe(b, slice(0, 3))
+    assert b.snapshot(KEY)["fast_run"] == 2
     restored = ScorePolicy(config)
     restored.restore(KEY, json.loads(json.dumps(b.snapshot(KEY))))
-    assert scores(a, values[3:]) == scores(restored, values[3:])
+    assert observe(a, slice(3, None)) == observe(restored, slice(3, None))
     assert a.snapshot(KEY) == restored.snapshot(KEY)
     assert ScoreState.from_dict(a.snapshot(KEY)) == a._states[KEY]
 

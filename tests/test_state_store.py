@@ -140,6 +140,9 @@ def test_the_policy_comes_from_the_artefact_and_settings_override_it():
     override = MonitorSettings(_env_file=None, alert_template_weight=0.0, alert_rhythm_weight=1.0)  # type: ignore[call-arg]
     config = policy_config(scorer, override)  # type: ignore[arg-type]
     assert (config.template_weight, config.rhythm_weight) == (0.0, 1.0)
+    off = MonitorSettings(_env_file=None, alert_fast_run_beats=0, alert_fast_run_level=4.0)  # type: ignore[call-arg]
+    assert (policy_config(scorer, off).fast_run_beats, policy_config(scorer, off).fast_run_level) == (0, 4.0)  # type: ignore[arg-type]
+    assert config.fast_run_beats == ScorePolicyConfig().fast_run_beats  # an artefact without it: the default
     assert prior_of(scorer) == Prior.from_stats({"p50": 0.1, "p95": 0.3}, 0.3)  # type: ignore[arg-type]
     bare = prior_of(SimpleNamespace(threshold=0.3))  # type: ignore[arg-type]
     assert math.exp(bare.location + 1.6449 * bare.scale) == pytest.approx(0.3)
@@ -386,3 +389,28 @@ def test_a_beat_sensors_template_raises_the_policy_input_and_survives_a_restore(
     inputs = [max(o.calibrated.score, weight * o.template_score) for o in upto[-window:]]
     assert default.policy.snapshot((0, "b"))["value"] == pytest.approx(sum(inputs) / window)
     assert inputs[-1] > upto[-1].calibrated.score + 5
+
+
+def test_a_fast_run_of_beats_unlike_the_usual_one_fires_where_the_mean_would_not():
+    """Three beats in a row that are each fast (over 100/min and early) and unlike the sensor's usual beat fire
+    the alert (ventricular tachycardia); the same beats at the usual rate, or the rule off, do not."""
+    rng = np.random.default_rng(7)
+    usual = usual_beat()
+    n, run = 260, range(240, 243)
+    windows = [usual + rng.normal(0, 0.03, 140) for _ in range(n)]
+    for i in run:
+        windows[i] = -usual
+    errs = errors(n)
+    quiet = ScorePolicyConfig(fire_level=20.0, resolve_level=1.0, rhythm_weight=0.0)  # the mean cannot fire
+
+    def firing(policy: ScorePolicyConfig, fast: bool) -> list[int]:
+        states, t, out = make_states(policy=policy), 0.0, []
+        for i in range(n):
+            t += 0.45 if fast and i in run else 0.8
+            outcome = states.apply((0, "b"), 10 * i, i, errs[i], True, BeatInfo(t, 0.8, windows[i]))
+            out += [i] if "firing" in outcome.transitions else []
+        return out
+
+    assert firing(quiet, fast=True) == [run[-1]]
+    assert firing(quiet, fast=False) == []
+    assert firing(replace(quiet, fast_run_beats=0), fast=True) == []

@@ -98,9 +98,11 @@ def test_fast_sweep_equals_the_beat_by_beat_policy(aggregate):
         s = Stream("s", np.zeros(n), labels, np.arange(n, dtype=float), "N",
                    good_quality=rng.random(n) > 0.05)
         cal = np.arange(n) < rng.integers(0, 40)
-        sc = Scored(s, rng.standard_normal(n) * 2 + (rng.random(n) < 0.05) * 6, cal, rng.random(n) < 0.08)
+        fast = rng.random(n) < 0.3 if seed % 2 else None  # fast-run beats (in runs of 3 now and then), or none
+        sc = Scored(s, rng.standard_normal(n) * 2 + (rng.random(n) < 0.05) * 6, cal, rng.random(n) < 0.08, fast)
         config = ScorePolicyConfig(aggregate=aggregate, window=int(rng.integers(1, 5)), alpha=0.4, drift=1.0,
-                                   fire_level=2.5, resolve_level=1.0, resolve_beats=int(rng.integers(1, 6)))
+                                   fire_level=2.5, resolve_level=1.0, resolve_beats=int(rng.integers(1, 6)),
+                                   fast_run_beats=int(rng.integers(0, 4)))
         exact = [i for i, t in policy_alerts(sc, config) if t == FIRING]
         assert fired(sc, config).tolist() == exact
 

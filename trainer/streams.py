@@ -147,6 +147,9 @@ class Scored:
     scores: np.ndarray
     calibrating: np.ndarray  # bool; a prefix of the stream
     gross: np.ndarray  # bool
+    #: bool per beat: a beat of a fast run (`ScorePolicyConfig.fast_run_beat`); None: none (fixed windows, or no
+    #: beat times, as in `calibrate`'s output before `policy_input`)
+    fast_run_beats: np.ndarray | None = None
 
 
 def calibrate(stream: Stream, calibrator: Calibrator) -> Scored:
@@ -161,11 +164,13 @@ def policy_alerts(scored: Scored, config: ScorePolicyConfig) -> list[tuple[int, 
     """(beat index, transition) of `ScorePolicy` over one scored stream, beat by beat (exact)."""
     policy, key = ScorePolicy(config), (0, scored.stream.sensor_id)
     good = scored.stream.good_quality
+    fast = scored.fast_run_beats
     out = []
     for i, (score, cal, gross) in enumerate(zip(scored.scores.tolist(), scored.calibrating.tolist(),
                                                 scored.gross.tolist(), strict=True)):
         ok = True if good is None else bool(good[i])
-        out += [(i, t) for t in policy.observe(key, score, calibrating=cal, gross=gross, good_quality=ok)]
+        out += [(i, t) for t in policy.observe(key, score, calibrating=cal, gross=gross, good_quality=ok,
+                                               fast_run_beat=fast is not None and bool(fast[i]))]
     return out
 
 
@@ -211,6 +216,8 @@ class _Prepared:
     calibrating: np.ndarray
     gross: np.ndarray
     gross_run: np.ndarray
+    fast: np.ndarray  # a fast-run beat (fed: not calibrating)
+    fast_run: np.ndarray
 
     @classmethod
     def of(cls, scored: Scored, config: ScorePolicyConfig) -> _Prepared:
@@ -220,12 +227,16 @@ class _Prepared:
         calibrating = scored.calibrating[index]
         value = aggregate_series(scored.scores[index][~calibrating], config)
         value = np.concatenate([np.zeros(int(calibrating.sum())), value])  # calibrating is a prefix
-        return cls(index, value, calibrating, scored.gross[index], _run_lengths(scored.gross & keep)[index])
+        fast = np.zeros(len(keep), dtype=bool) if scored.fast_run_beats is None else \
+            np.asarray(scored.fast_run_beats, dtype=bool) & ~scored.calibrating
+        return cls(index, value, calibrating, scored.gross[index], _run_lengths(scored.gross & keep)[index],
+                   fast[index], _run_lengths(fast & keep)[index])
 
 
 def _fire_events(p: _Prepared, config: ScorePolicyConfig) -> np.ndarray:
-    above = (p.gross_run >= config.gross_beats) | ((p.value > config.fire_level) & ~p.calibrating)
-    quiet = (p.value < config.resolve_level) & ~p.gross
+    fast_run = (p.fast_run >= config.fast_run_beats) if config.fast_run_beats else np.zeros_like(p.fast)
+    above = (p.gross_run >= config.gross_beats) | (((p.value > config.fire_level) | fast_run) & ~p.calibrating)
+    quiet = (p.value < config.resolve_level) & ~p.gross & ~p.fast
     # quiet_ends: beats j whose m last beats are all quiet (an alert fired before j-m+1 resolves at j)
     m = config.resolve_beats
     quiet_count = np.concatenate(([0], np.cumsum(quiet)))
@@ -588,8 +599,11 @@ def run_policy(streams: Sequence[Stream], prior: Prior, calibration: Calibration
 def policy_input(stream: Stream, calibrator: Calibrator, config: ScorePolicyConfig) -> Scored:
     """What the daemon feeds the policy for each beat (`ScorePolicyConfig.beat_input`): the calibrated shape score,
     for beat windows raised to the template score at its weight, plus the rhythm score at its weight (ECG5000
-    streams, one beat a second, have none)."""
+    streams, one beat a second, have none); and which beats are fast-run beats (`fast_run_beat`)."""
     scored = calibrate(stream, calibrator)
-    prematurity = rhythm.score_times(stream.times_s, stream.good_quality) if config.rhythm_weight and len(stream) \
-        else None
-    return replace(scored, scores=config.beat_input(scored.scores, stream.template_scores, prematurity))
+    beats = rhythm.score_times(stream.times_s, stream.good_quality) if len(stream) else None
+    prematurity = beats.score if beats is not None and config.rhythm_weight else None
+    fast = None if beats is None or stream.template_scores is None else \
+        config.fast_run_beat(stream.template_scores, beats.fast)
+    return replace(scored, scores=config.beat_input(scored.scores, stream.template_scores, prematurity),
+                   fast_run_beats=fast)

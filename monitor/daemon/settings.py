@@ -79,6 +79,11 @@ class MonitorSettings(BaseSettings):
     alert_template_weight: float | None = Field(None, ge=0, description="Beat models: the shape score is the larger "
                                                 "of the autoencoder's and this times the template score (distance "
                                                 "from the sensor's own usual beat); 0 = the autoencoder's alone")
+    alert_fast_run_beats: int | None = Field(None, ge=0, description="Beat models: also fire on this many "
+                                             "consecutive beats that are each fast (over 100/min and early) and "
+                                             "unlike the sensor's usual beat; 0 = off")
+    alert_fast_run_level: float | None = Field(None, ge=0, description="Beat models: the template score from which "
+                                               "a fast beat counts towards a fast run")
     calibration_warmup_beats: int | None = Field(None, ge=3, description="Beats a new sensor calibrates on; "
                                                                          "empty = 150")
     quality_gating: bool = Field(True, description="Check each window's signal quality (its raw samples; a "

@@ -145,13 +145,14 @@ class SensorStates:
         good_quality = good_quality and not template.artefact  # motion noise: no anomaly alert, nothing learnt
         calibrated = self.calibrator.update(sensor.calibration, error, good_quality)
         rhythm = None if beat is None else self.rhythm.update(sensor.rhythm, beat.r_peak_s, good_quality)
-        score = float(config.beat_input(calibrated.score, template.score, rhythm))
-        transitions = self.policy.observe(key, score, calibrating=calibrated.calibrating,
-                                          gross=calibrated.gross, good_quality=good_quality)
+        score = float(config.beat_input(calibrated.score, template.score, None if rhythm is None else rhythm.score))
+        fast_run_beat = rhythm is not None and config.fast_run_beat(template.score, rhythm.fast)
+        transitions = self.policy.observe(key, score, calibrating=calibrated.calibrating, gross=calibrated.gross,
+                                          good_quality=good_quality, fast_run_beat=fast_run_beat)
         self._dirty.add(key)
         return Outcome(calibrated, transitions, self.calibrator.phase(sensor.calibration),
-                       self.calibrator.threshold_error(sensor.calibration, config.fire_level), rhythm, template.score,
-                       template.artefact)
+                       self.calibrator.threshold_error(sensor.calibration, config.fire_level),
+                       None if rhythm is None else rhythm.score, template.score, template.artefact)
 
     def _add(self, key: SensorKey, seq: int, offset: int) -> _Sensor:
         sensor = self._sensors[key] = _Sensor(self.calibrator.new_state(), seq, offset, self.clock())
@@ -317,7 +318,8 @@ def policy_config(scorer: Scorer, settings: MonitorSettings) -> ScorePolicyConfi
     values: dict[str, Any] = {k: v for k, v in stored.items() if k in fields} if isinstance(stored, Mapping) else {}
     overrides = {"fire_level": settings.alert_fire_level, "resolve_level": settings.alert_resolve_level,
                  "resolve_beats": settings.alert_resolve_beats, "gross_beats": settings.alert_gross_beats,
-                 "rhythm_weight": settings.alert_rhythm_weight, "template_weight": settings.alert_template_weight}
+                 "rhythm_weight": settings.alert_rhythm_weight, "template_weight": settings.alert_template_weight,
+                 "fast_run_beats": settings.alert_fast_run_beats, "fast_run_level": settings.alert_fast_run_level}
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values.get("resolve_level", 0.0) > values.get("fire_level", ScorePolicyConfig.fire_level):
         values["resolve_level"] = values.get("fire_level", ScorePolicyConfig.fire_level) / 2  # keep hysteresis valid

@@ -35,6 +35,7 @@ import numpy as np
 from monitor.stream.windowing import SensorKey
 
 Score = TypeVar("Score", float, np.ndarray)
+Flag = TypeVar("Flag", bool, np.ndarray)
 
 FIRING, RESOLVED = "firing", "resolved"
 
@@ -182,6 +183,12 @@ class ScorePolicyConfig:
     #: beat windows: the shape input is the larger of the calibrated shape score and template_weight x the beat's
     #: score against the sensor's own template (monitor.stream.template); 0 scores the autoencoder's shape alone
     template_weight: float = 0.7
+    #: beat windows: also fire on this many consecutive good beats that are each fast (monitor.stream.rhythm: over
+    #: 100 a minute and early against the sensor's rhythm) and unlike the sensor's usual beat (template score at
+    #: least `fast_run_level`): ventricular tachycardia, whose beats the mean over a few beats can average below
+    #: the fire level; 0 turns the rule off (as does template_weight 0, which computes no template score)
+    fast_run_beats: int = 3
+    fast_run_level: float = 2.5
 
     def __post_init__(self) -> None:
         if self.aggregate not in AGGREGATES:
@@ -190,7 +197,7 @@ class ScorePolicyConfig:
             raise ValueError(f"resolve_level {self.resolve_level} > fire_level {self.fire_level}")
         if min(self.window, self.resolve_beats, self.gross_beats, self.quality_bad_beats) < 1 \
                 or self.quality_bad_beats > self.quality_window or not 0 < self.alpha <= 1 or self.rhythm_weight < 0 \
-                or self.template_weight < 0:
+                or self.template_weight < 0 or self.fast_run_beats < 0:
             raise ValueError(f"invalid policy config {self}")
 
     def beat_input(self, shape: Score, template: Score | None = None, rhythm: Score | None = None) -> Score:
@@ -202,6 +209,17 @@ class ScorePolicyConfig:
         if rhythm is not None and self.rhythm_weight:
             shape = shape + self.rhythm_weight * rhythm
         return shape
+
+    def fast_run_beat(self, template: Score | None, fast: Flag) -> Flag:
+        """Whether a beat counts towards a fast run (`fast_run_beats`): fast, and its template score (None or NaN:
+        the template still learns) at least `fast_run_level`. One beat's values in the daemon, or a stream's arrays
+        in the trainer."""
+        off = template is None or not self.fast_run_beats
+        unlike = np.nan_to_num(np.asarray(template if not off else np.nan, dtype=np.float64), nan=-np.inf) \
+            >= self.fast_run_level
+        if isinstance(fast, np.ndarray):
+            return np.asarray(np.logical_and(fast, unlike), dtype=bool)
+        return bool(fast and unlike.all())
 
 
 @dataclass
@@ -215,17 +233,18 @@ class ScoreState:
     gross_run: int = 0
     quality: list[bool] = field(default_factory=list)  # bad? for the last quality_window beats
     quality_cooldown: int = 0  # beats before another signal_quality alert may be raised
+    fast_run: int = 0  # consecutive fed beats of a fast run (`ScorePolicyConfig.fast_run_beat`)
 
     def to_dict(self) -> dict[str, Any]:
         return {"recent": list(self.recent), "value": self.value, "open": self.open, "below": self.below,
                 "gross_run": self.gross_run, "quality": [int(b) for b in self.quality],
-                "quality_cooldown": self.quality_cooldown}
+                "quality_cooldown": self.quality_cooldown, "fast_run": self.fast_run}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScoreState:
         return cls([float(x) for x in data["recent"]], float(data["value"]), bool(data["open"]),
                    int(data["below"]), int(data["gross_run"]), [bool(b) for b in data["quality"]],
-                   int(data["quality_cooldown"]))
+                   int(data["quality_cooldown"]), int(data.get("fast_run", 0)))  # absent before the fast-run rule
 
 
 class ScorePolicy:
@@ -233,10 +252,12 @@ class ScorePolicy:
 
     - the aggregate (mean of the last `window` scores, EWMA, or CUSUM ``max(0, S + score - drift)``)
       is fed with good-quality, calibrated beats only;
-    - closed -> firing: the aggregate exceeds `fire_level`, or `gross_beats` consecutive gross
+    - closed -> firing: the aggregate exceeds `fire_level`, or `fast_run_beats` consecutive fed beats
+      are each a fast-run beat (`ScorePolicyConfig.fast_run_beat`), or `gross_beats` consecutive gross
       beats arrive (the only way to fire while the sensor calibrates);
     - firing -> resolved: the aggregate stays below `resolve_level` for `resolve_beats` fed beats
-      (with no gross beat among them); the next alert then needs the aggregate to rise again;
+      (with no gross or fast-run beat among them); the next alert then needs the aggregate to rise again
+      (or another fast run);
     - bad-quality beats never feed the aggregate (scored, never an anomaly alert); when
       `quality_bad_beats` of the last `quality_window` beats are bad, a one-shot `signal_quality`
       alert is raised, at most one per `quality_interval_beats` beats.
@@ -252,23 +273,27 @@ class ScorePolicy:
         self._states: dict[SensorKey, ScoreState] = {}
 
     def observe(self, key: SensorKey, score: float, *, calibrating: bool = False, gross: bool = False,
-                good_quality: bool = True) -> list[str]:
+                good_quality: bool = True, fast_run_beat: bool = False) -> list[str]:
+        c = self.config
         st = self._states.get(key)
         if st is None:
             st = self._states[key] = ScoreState()
         transitions = self._quality(st, not good_quality)
         if not good_quality:
-            st.gross_run = 0
+            st.gross_run = st.fast_run = 0
             return transitions
         st.gross_run = st.gross_run + 1 if gross else 0
+        fast_run_beat = fast_run_beat and not calibrating
+        st.fast_run = st.fast_run + 1 if fast_run_beat else 0
         if not calibrating:
             self._feed(st, score)
         if not st.open:
-            if st.gross_run >= self.config.gross_beats or (not calibrating and st.value > self.config.fire_level):
+            fast_run = 0 < c.fast_run_beats <= st.fast_run
+            if st.gross_run >= c.gross_beats or (not calibrating and (st.value > c.fire_level or fast_run)):
                 st.open, st.below = True, 0
                 transitions.append(FIRING)
         else:
-            st.below = st.below + 1 if st.value < self.config.resolve_level and not gross else 0
+            st.below = st.below + 1 if st.value < c.resolve_level and not gross and not fast_run_beat else 0
             if st.below >= self.config.resolve_beats:
                 st.open = False
                 transitions.append(RESOLVED)

@@ -27,6 +27,12 @@ ECG5000 convention): a premature beat's own window holds its compensatory pause.
 false alerts on their normal stretches stayed at 0.16 per hour while the runs of 3+ ectopic beats
 with an alert open rose from 7 to 52 of 414 (docs/model-card.md, "Other patients").
 
+A beat is also *fast* when its interval is under `fast_interval_s` (a rate over 100 beats a minute, the
+textbook floor of ventricular tachycardia) and under `fast_ratio` times the median of the intervals before it
+(early against this sensor's own rhythm, so a sinus tachycardia that is the patient's usual rate is not): the
+alert policy fires on a run of fast beats that are each unlike the sensor's usual beat
+(`ScorePolicyConfig.fast_run_beats`).
+
 An interval longer than `max_interval_s`, or an R peak at or before the previous one (a new
 segment, a device reset), restarts the interval history; until `history` intervals are known the
 score is 0. The spread is fixed after the warm-up (runs of premature beats must not widen it). The state is a
@@ -39,13 +45,13 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from monitor.stream.calibration import robust_baseline
 
-__all__ = ["RhythmConfig", "RhythmState", "Rhythm", "score_times"]
+__all__ = ["RhythmConfig", "RhythmState", "RhythmScore", "RhythmScores", "Rhythm", "score_times"]
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,27 @@ class RhythmConfig:
     warmup_beats: int = 150  # ratios the sensor learns its spread on (score 0 meanwhile)
     min_scale: float = 0.04  # floor of the spread: 20% early then scores 5 at most
     max_interval_s: float = 3.0  # a longer interval is a gap in the stream, not a beat
+    fast_interval_s: float = 0.6  # a fast beat's interval is shorter than this (over 100 beats a minute) ...
+    fast_ratio: float = 0.9  # ... and than this share of the median of the `history` intervals before it
 
     def __post_init__(self) -> None:
-        if self.history < 1 or self.warmup_beats < 3 or self.min_scale <= 0 or self.max_interval_s <= 0:
+        if self.history < 1 or self.warmup_beats < 3 or self.min_scale <= 0 or self.max_interval_s <= 0 \
+                or self.fast_interval_s <= 0 or self.fast_ratio <= 0:
             raise ValueError(f"invalid rhythm config {self}")
+
+
+class RhythmScore(NamedTuple):
+    """One beat's rhythm: how premature it came (`score`) and whether it is fast (module docstring)."""
+
+    score: float
+    fast: bool = False
+
+
+class RhythmScores(NamedTuple):
+    """A stream's `RhythmScore`s as arrays."""
+
+    score: np.ndarray
+    fast: np.ndarray
 
 
 @dataclass
@@ -89,25 +112,27 @@ class Rhythm:
     def __init__(self, config: RhythmConfig | None = None) -> None:
         self.config = config or RhythmConfig()
 
-    def update(self, state: RhythmState, r_peak_s: float, good_quality: bool = True) -> float:
-        """The score of the beat whose R peak is at `r_peak_s` (seconds in the sensor's stream), then
+    def update(self, state: RhythmState, r_peak_s: float, good_quality: bool = True) -> RhythmScore:
+        """The rhythm of the beat whose R peak is at `r_peak_s` (seconds in the sensor's stream), then
         learn from it. A bad-quality beat scores 0 and changes nothing: its R peak may be noise, so the
         next interval is measured from the last good beat (a long interval, never a premature one)."""
         if not good_quality:
-            return 0.0
+            return RhythmScore(0.0)
         interval = None if state.last_r is None else r_peak_s - state.last_r
         state.last_r = r_peak_s
         if interval is None or not 0 < interval <= self.config.max_interval_s:
             state.intervals = []  # a gap or a new segment: the rhythm before it says nothing now
-            return 0.0
-        score = 0.0
+            return RhythmScore(0.0)
+        score, fast = 0.0, False
         if len(state.intervals) == self.config.history:
-            ratio = interval / statistics.median(state.intervals)  # 8 floats: 10x faster than numpy's
+            median = statistics.median(state.intervals)  # 8 floats: 10x faster than numpy's
+            ratio = interval / median
             if state.scale > 0:
                 score = max(0.0, (state.location - ratio) / state.scale)
+            fast = interval < self.config.fast_interval_s and ratio < self.config.fast_ratio
             self._learn(state, ratio)
         state.intervals = (state.intervals + [interval])[-self.config.history:]
-        return score
+        return RhythmScore(score, fast)
 
     def calibrating(self, state: RhythmState) -> bool:
         return state.beats < self.config.warmup_beats
@@ -126,11 +151,13 @@ class Rhythm:
 
 
 def score_times(r_peaks_s: np.ndarray, good_quality: np.ndarray | None = None,
-                config: RhythmConfig | None = None) -> np.ndarray:
-    """The rhythm score of every beat of one sensor's stream (R peaks in seconds, in order; bad-quality beats
-    score 0 and teach nothing), from a fresh state: what the daemon computes beat by beat (the trainer's stream
-    evaluation uses it)."""
+                config: RhythmConfig | None = None) -> RhythmScores:
+    """The rhythm of every beat of one sensor's stream (R peaks in seconds, in order; bad-quality beats
+    score 0, are not fast and teach nothing), from a fresh state: what the daemon computes beat by beat (the
+    trainer's stream evaluation uses it)."""
     rhythm, state = Rhythm(config), RhythmState()
     times = np.asarray(r_peaks_s, dtype=np.float64)
     good = np.ones(len(times), dtype=bool) if good_quality is None else np.asarray(good_quality, dtype=bool)
-    return np.array([rhythm.update(state, float(t), bool(ok)) for t, ok in zip(times, good, strict=True)])
+    beats = [rhythm.update(state, float(t), bool(ok)) for t, ok in zip(times, good, strict=True)]
+    return RhythmScores(np.array([b.score for b in beats], dtype=np.float64),
+                        np.array([b.fast for b in beats], dtype=bool))
