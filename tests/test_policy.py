@@ -127,7 +127,9 @@ def scores(policy: ScorePolicy, values, **flags) -> list:
 
 def test_mean_fires_above_fire_level_once_and_resolves_after_m_beats_below_resolve_level():
     policy = ScorePolicy(ScorePolicyConfig(aggregate="mean", window=3, fire_level=4, resolve_level=2, resolve_beats=2))
-    got = scores(policy, [0, 6, 6, 6, 6, 0, 0, 0, 0, 0])
+    got = scores(policy, [0, 6, 6, 6])
+    assert policy.trigger(KEY) == "aggregate"
+    got += scores(policy, [6, 0, 0, 0, 0, 0])
     # means: 0, 2, 4, 6 (fires), 6, 4, 2, 0 (1st below 2), 0 (2nd: resolves), 0
     assert got == [[], [], [], [FIRING], [], [], [], [], [RESOLVED], []]
 
@@ -150,6 +152,8 @@ def test_no_ordinary_alert_while_calibrating_but_a_run_of_gross_beats_fires():
     assert scores(policy, [9, 9, 9], calibrating=True) == [[], [], []]
     got = [policy.observe(KEY, 9, calibrating=True, gross=g) for g in (True, True, True, False, False)]
     assert got == [[], [FIRING], [], [], [RESOLVED]]
+    policy.observe(KEY, 9, calibrating=True, gross=True)
+    assert policy.observe(KEY, 9, calibrating=True, gross=True) == [FIRING] and policy.trigger(KEY) == "gross"
 
 
 def test_bad_quality_beats_never_raise_anomaly_alerts_and_raise_rate_limited_signal_quality():
@@ -169,6 +173,10 @@ def test_a_fast_run_fires_when_the_mean_stays_under_the_fire_level_and_holds_the
     got = [policy.observe(KEY, v, fast_run_beat=f) for v, f in zip(values, fast, strict=True)]
     # fires on the third fast-run beat; means 1, 2, 3, 3, 2, 1 (1st below 2), 0 (2nd: resolves)
     assert got == [[], [], [], [FIRING], [], [], [], [RESOLVED]]
+    assert policy.trigger(KEY) is None  # closed again
+    policy.observe(KEY, 0, fast_run_beat=True)
+    policy.observe(KEY, 0, fast_run_beat=True)
+    assert policy.observe(KEY, 0, fast_run_beat=True) == [FIRING] and policy.trigger(KEY) == "fast_run"
     two_then_a_break = [True, True, False, True, True]  # never 3 in a row
     assert not any(ScorePolicy(config).observe(KEY, 0, fast_run_beat=f) for f in two_then_a_break)
     bad_beat_breaks_it = ScorePolicy(config)

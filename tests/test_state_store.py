@@ -408,7 +408,9 @@ def test_a_fast_run_of_beats_unlike_the_usual_one_fires_where_the_mean_would_not
         for i in range(n):
             t += 0.45 if fast and i in run else 0.8
             outcome = states.apply((0, "b"), 10 * i, i, errs[i], True, BeatInfo(t, 0.8, windows[i]))
-            out += [i] if "firing" in outcome.transitions else []
+            if "firing" in outcome.transitions:
+                out.append(i)
+                assert outcome.trigger == "fast_run"  # the alert record says which rule opened it
         return out
 
     assert firing(quiet, fast=True) == [run[-1]]

@@ -52,6 +52,7 @@ from monitor.stream.wire import AlertRecord, DeadLetter, InvalidRecord, ScoreRec
 log = logging.getLogger("monitor.daemon.loop")
 
 AlertState = Literal["firing", "resolved", "signal_quality"]  # what ScorePolicy.observe returns
+Trigger = Literal["aggregate", "fast_run", "gross"]  # what ScorePolicy.trigger returns
 
 COMMIT_INTERVAL_S = 1.0  # commits are cheap but not free; at most one a second unless forced
 HOUSEKEEPING_INTERVAL_S = 1.0  # idle eviction, reorder timeouts, gauges
@@ -328,10 +329,12 @@ class Monitor:
                                 **beat_fields(window),
                                 calibrated_score=_finite(outcome.calibrated.score),
                                 calibrated_threshold=_finite(outcome.calibrated_threshold), quality=bad,
-                                rhythm_score=outcome.rhythm_score, template_score=outcome.template_score)
+                                rhythm_score=outcome.rhythm_score, template_score=outcome.template_score,
+                                trigger=cast(Trigger, outcome.trigger) if state == "firing" else None)
             self.outbox.send(self.settings.alerts_topic, window.sensor_id.encode(), alert.to_bytes())
             self.metrics.alerts.labels(state=state).inc()
-            log.info("alert", extra={"alert_id": alert.alert_id, "state": state, "score": round(error, 5),
+            log.info("alert", extra={"alert_id": alert.alert_id, "state": state, "trigger": alert.trigger,
+                                     "score": round(error, 5),
                                      "calibrated_score": round(outcome.calibrated.score, 3)})
 
     def _quality(self, batch: list[Window]) -> list[str | None]:

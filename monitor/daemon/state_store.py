@@ -99,6 +99,7 @@ class Outcome(NamedTuple):
     rhythm_score: float | None = None  # beat windows: how premature the beat was (None for fixed windows)
     template_score: float | None = None  # beat windows: how far from the sensor's usual beat (None: calibrating)
     artefact: bool = False  # beat windows: unlike the usual beat and unlike the last ones (monitor.stream.template)
+    trigger: str | None = None  # the rule that opened the sensor's open alert (ScorePolicy.trigger)
 
 
 class SensorStates:
@@ -152,7 +153,8 @@ class SensorStates:
         self._dirty.add(key)
         return Outcome(calibrated, transitions, self.calibrator.phase(sensor.calibration),
                        self.calibrator.threshold_error(sensor.calibration, config.fire_level),
-                       None if rhythm is None else rhythm.score, template.score, template.artefact)
+                       None if rhythm is None else rhythm.score, template.score, template.artefact,
+                       self.policy.trigger(key))
 
     def _add(self, key: SensorKey, seq: int, offset: int) -> _Sensor:
         sensor = self._sensors[key] = _Sensor(self.calibrator.new_state(), seq, offset, self.clock())

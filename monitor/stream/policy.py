@@ -38,6 +38,8 @@ Score = TypeVar("Score", float, np.ndarray)
 Flag = TypeVar("Flag", bool, np.ndarray)
 
 FIRING, RESOLVED = "firing", "resolved"
+#: the rule that opened an anomaly alert (`ScorePolicy.trigger`; the alert record's `trigger`)
+AGGREGATE_TRIGGER, FAST_RUN_TRIGGER, GROSS_TRIGGER = "aggregate", "fast_run", "gross"
 
 
 @dataclass(slots=True)
@@ -214,9 +216,9 @@ class ScorePolicyConfig:
         """Whether a beat counts towards a fast run (`fast_run_beats`): fast, and its template score (None or NaN:
         the template still learns) at least `fast_run_level`. One beat's values in the daemon, or a stream's arrays
         in the trainer."""
-        off = template is None or not self.fast_run_beats
-        unlike = np.nan_to_num(np.asarray(template if not off else np.nan, dtype=np.float64), nan=-np.inf) \
-            >= self.fast_run_level
+        unlike: np.ndarray = np.asarray(False)
+        if template is not None and self.fast_run_beats:
+            unlike = np.nan_to_num(np.asarray(template, dtype=np.float64), nan=-np.inf) >= self.fast_run_level
         if isinstance(fast, np.ndarray):
             return np.asarray(np.logical_and(fast, unlike), dtype=bool)
         return bool(fast and unlike.all())
@@ -234,17 +236,19 @@ class ScoreState:
     quality: list[bool] = field(default_factory=list)  # bad? for the last quality_window beats
     quality_cooldown: int = 0  # beats before another signal_quality alert may be raised
     fast_run: int = 0  # consecutive fed beats of a fast run (`ScorePolicyConfig.fast_run_beat`)
+    trigger: str | None = None  # the rule that opened the open alert (None while closed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"recent": list(self.recent), "value": self.value, "open": self.open, "below": self.below,
                 "gross_run": self.gross_run, "quality": [int(b) for b in self.quality],
-                "quality_cooldown": self.quality_cooldown, "fast_run": self.fast_run}
+                "quality_cooldown": self.quality_cooldown, "fast_run": self.fast_run, "trigger": self.trigger}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScoreState:
         return cls([float(x) for x in data["recent"]], float(data["value"]), bool(data["open"]),
                    int(data["below"]), int(data["gross_run"]), [bool(b) for b in data["quality"]],
-                   int(data["quality_cooldown"]), int(data.get("fast_run", 0)))  # absent before the fast-run rule
+                   int(data["quality_cooldown"]), int(data.get("fast_run", 0)),  # absent before the fast-run rule
+                   data.get("trigger"))
 
 
 class ScorePolicy:
@@ -288,14 +292,16 @@ class ScorePolicy:
         if not calibrating:
             self._feed(st, score)
         if not st.open:
-            fast_run = 0 < c.fast_run_beats <= st.fast_run
-            if st.gross_run >= c.gross_beats or (not calibrating and (st.value > c.fire_level or fast_run)):
+            st.trigger = GROSS_TRIGGER if st.gross_run >= c.gross_beats else None if calibrating \
+                else AGGREGATE_TRIGGER if st.value > c.fire_level \
+                else FAST_RUN_TRIGGER if 0 < c.fast_run_beats <= st.fast_run else None
+            if st.trigger is not None:
                 st.open, st.below = True, 0
                 transitions.append(FIRING)
         else:
             st.below = st.below + 1 if st.value < c.resolve_level and not gross and not fast_run_beat else 0
-            if st.below >= self.config.resolve_beats:
-                st.open = False
+            if st.below >= c.resolve_beats:
+                st.open, st.trigger = False, None
                 transitions.append(RESOLVED)
         return transitions
 
@@ -322,6 +328,12 @@ class ScorePolicy:
     def is_open(self, key: SensorKey) -> bool:
         st = self._states.get(key)
         return bool(st and st.open)
+
+    def trigger(self, key: SensorKey) -> str | None:
+        """The rule that opened the sensor's open alert (`AGGREGATE_TRIGGER`, `FAST_RUN_TRIGGER` or `GROSS_TRIGGER`);
+        None while it has none."""
+        st = self._states.get(key)
+        return None if st is None else st.trigger
 
     def aggregate(self, key: SensorKey) -> float | None:
         st = self._states.get(key)

@@ -125,8 +125,7 @@ class Rhythm:
             return RhythmScore(0.0)
         score, fast = 0.0, False
         if len(state.intervals) == self.config.history:
-            median = statistics.median(state.intervals)  # 8 floats: 10x faster than numpy's
-            ratio = interval / median
+            ratio = interval / statistics.median(state.intervals)  # 8 floats: 10x faster than numpy's
             if state.scale > 0:
                 score = max(0.0, (state.location - ratio) / state.scale)
             fast = interval < self.config.fast_interval_s and ratio < self.config.fast_ratio

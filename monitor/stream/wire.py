@@ -150,6 +150,9 @@ class AlertRecord(BaseModel):
     # Beat windows: how far the beat is from the sensor's own usual beat, in its robust SDs (monitor.stream.template;
     # the policy takes the larger of it and calibrated_score); null while the sensor calibrates
     template_score: float | None = None
+    # Firing alerts: the rule that opened it: "aggregate" (the mean of recent calibrated scores over the fire
+    # level), "fast_run" (beat windows: fast beats in a row unlike the sensor's usual beat) or "gross"
+    trigger: Literal["aggregate", "fast_run", "gross"] | None = None
 
     @staticmethod
     def make_id(sensor_id: str, window_start_seq: int, state: str, partition: int, offset: int) -> str:
