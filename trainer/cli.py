@@ -176,6 +176,13 @@ def _policy_summary(point: dict[str, Any]) -> str:
             f"runs detected {detected}")
 
 
+def _rules(policy: dict[str, Any]) -> str:
+    """The policy's firing rules, e.g. "mean over 4.106, or 3 fast beats unlike the usual one"."""
+    fast = policy.get("fast_run_beats")
+    return f"{policy['aggregate']} over {policy['fire_level']:.3f}" + (
+        f", or {fast} fast beats unlike the usual one" if fast and policy.get("template_weight") else "")
+
+
 def _recording_summary(r: dict[str, Any]) -> str:
     def f(v: Any) -> str:
         return "n/a" if v is None else f"{v:.4f}"
@@ -190,7 +197,7 @@ def _recording_summary(r: dict[str, Any]) -> str:
         lines.append(f"  R peaks ({rp['tolerance_ms']} ms): sensitivity {rp['sensitivity']:.4%}, PPV {rp['ppv']:.4%} "
                      f"({rp['matched']} matched, {rp['missed']} missed, {rp['false']} false of {rp['reference']})")
     st = r["stream"]
-    lines.append(f"  alert policy ({st['policy']['aggregate']} over {st['policy']['fire_level']:.3f}): "
+    lines.append(f"  alert policy ({_rules(st['policy'])}): "
                  f"{st['alerts']} alerts, {st['false_alerts']} false = {f(st['false_alerts_per_hour'])} per hour "
                  f"over {st['normal_hours']:.2f} h outside non-normal stretches; "
                  f"runs detected {st['detected']}/{st['runs']}; runs of 3+ beats with an alert open "
