@@ -1,13 +1,14 @@
 """Other sampling rates: annotated recordings resampled to other rates, through what `ecg-trainer evaluate` runs.
 
-    python -m bench.rates --data DIR [--rates 128 250] [--model FILE]
+    python -m bench.rates --data DIR [--rates 128 250 500 1000] [--model FILE]
 
-Holter recorders and wearables often sample at 125-128 or 250 Hz; the model's beats are cut at any rate, but the
-R-peak detector, the raw-sample quality check and the template see the samples themselves. Each record under DIR
-(WFDB with `.atr` reference beats: the 48 other patients of docs/model-card.md) is resampled in memory with a
-polyphase filter (`scipy.signal.resample_poly`), its reference beats moved to the nearest new sample, and scored
-as the daemon would (`trainer.evaluate.evaluate_recording`), pooled over the records (`pool_recordings`).
-Baseline in the same run: the records as recorded. Writes bench/results/rates.json and .md.
+Holter recorders and wearables often sample at 125-128 or 250 Hz, diagnostic carts at 500 or 1000; the model's
+beats are cut at any rate, but the R-peak detector, the raw-sample quality check and the template see the samples
+themselves. Each record under DIR (WFDB with `.atr` reference beats: the 48 other patients of docs/model-card.md)
+is resampled in memory with a polyphase filter (`scipy.signal.resample_poly`), its reference beats moved to the
+nearest new sample, and scored as the daemon would (`trainer.evaluate.evaluate_recording`), pooled over the
+records (`pool_recordings`). Baseline in the same run: the records as recorded. Writes bench/results/rates.json
+and .md.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.rates", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a folder of WFDB records with .atr reference beats")
-    parser.add_argument("--rates", type=int, nargs="+", default=[128, 250], help="rates to resample to (Hz)")
+    parser.add_argument("--rates", type=int, nargs="+", default=[128, 250, 500, 1000],
+                        help="rates to resample to (Hz)")
     parser.add_argument("--model", type=Path, default=REPO / "monitor" / "models" / "default.pt")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results directory")
     args = parser.parse_args(argv)
