@@ -185,6 +185,12 @@ STATE_CELLS = {"firing": "[bold red]firing[/]", "resolved": "[green]resolved[/]"
                "signal_quality": "[yellow]signal quality[/]"}
 
 
+def state_cell(alert: AlertRecord) -> str:
+    """The alert's state, with the rule that opened it when that was a fast run (a ventricular tachycardia pattern)."""
+    cell = STATE_CELLS.get(alert.state, alert.state)
+    return cell + " [red](fast run)[/]" if alert.trigger == "fast_run" else cell
+
+
 def alert_counts(alerts: list[AlertRecord]) -> dict[str, int]:
     return {state: sum(a.state == state for a in alerts) for state in STATE_CELLS}
 
@@ -273,7 +279,7 @@ class LiveView:
         produced = self.log.produced_at(alert.sensor_id, alert.window_end_seq)
         latency = f"{(alert.detected_at - produced) * 1000:.0f} ms" if produced else "-"
         return [datetime.fromtimestamp(alert.detected_at).strftime("%H:%M:%S"), alert.sensor_id,
-                STATE_CELLS.get(alert.state, alert.state),
+                state_cell(alert),
                 f"{alert.window_start_seq}-{alert.window_end_seq}", str(alert.window_start_seq // BEAT_LENGTH),
                 f"{alert.score:.3f} / {alert.threshold:.3f}", latency, truth]
 
@@ -507,7 +513,7 @@ class RecordView(LiveView):
         latency = f"{(alert.detected_at - produced) * 1000:.0f} ms" if produced else "-"
         near = self.record.near(alert) if alert.state == "firing" else "-"
         return [datetime.fromtimestamp(alert.detected_at).strftime("%H:%M:%S"), alert.sensor_id,
-                STATE_CELLS.get(alert.state, alert.state),
+                state_cell(alert),
                 f"{alert.window_start_seq}-{alert.window_end_seq}", at, f"{alert.score:.3f} / {alert.threshold:.3f}",
                 latency, near]
 
