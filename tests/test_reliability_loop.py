@@ -220,8 +220,11 @@ def test_a_sensor_evicted_while_its_alert_is_open_gets_a_resolved_alert():
     states = [json.loads(v)["state"] for _, v in rig.producer.delivered(ALERTS)]
     assert states == ["firing"]
     rig.steps(40, dt=1.0)  # the sensor goes quiet past its idle timeout: evicted
-    states = [json.loads(v)["state"] for _, v in rig.producer.delivered(ALERTS)]
-    assert states == ["firing", "resolved"] and not rig.monitor.states.policy.is_open((0, "a"))
+    alerts = [json.loads(v) for _, v in rig.producer.delivered(ALERTS)]
+    assert [a["state"] for a in alerts] == ["firing", "resolved"] and not rig.monitor.states.policy.is_open((0, "a"))
+    assert [a["trigger"] for a in alerts] == ["aggregate", None]  # the rule that opened it; a resolution has none
+    assert rig.metric("ecg_monitor_alert_triggers_total", trigger="aggregate") == 1
+    assert rig.metric("ecg_monitor_alert_triggers_total", trigger="fast_run") == 0
     assert rig.consumer.group_committed == {0: 200}
 
 

@@ -333,6 +333,8 @@ class Monitor:
                                 trigger=cast(Trigger, outcome.trigger) if state == "firing" else None)
             self.outbox.send(self.settings.alerts_topic, window.sensor_id.encode(), alert.to_bytes())
             self.metrics.alerts.labels(state=state).inc()
+            if alert.trigger is not None:
+                self.metrics.alert_triggers.labels(trigger=alert.trigger).inc()
             log.info("alert", extra={"alert_id": alert.alert_id, "state": state, "trigger": alert.trigger,
                                      "score": round(error, 5),
                                      "calibrated_score": round(outcome.calibrated.score, 3)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
+from monitor.stream.policy import TRIGGERS
 from monitor.stream.quality import ARTEFACT, FLAT, LEAD_OFF, NOISE, SATURATION
 
 QUALITY_REASONS = (LEAD_OFF, FLAT, SATURATION, NOISE, ARTEFACT)
@@ -54,6 +55,7 @@ class Metrics:
         self.windows_scored = Counter(f"{p}_windows_scored_total", "Windows scored", registry=r)
         self.anomalous_windows = Counter(f"{p}_anomalous_windows_total", "Scored windows above the threshold", registry=r)
         self.alerts = Counter(f"{p}_alerts_total", "Alerts published, by state", ["state"], registry=r)
+        self.alert_triggers = Counter(f"{p}_alert_triggers_total", "Anomaly alerts opened, by the rule that opened them: aggregate, fast_run (beat windows: a ventricular tachycardia pattern), gross", ["trigger"], registry=r)
         self.scores_published = Counter(f"{p}_scores_published_total", "Per-window score records published to the scores topic", registry=r)
         self.dead_letters = Counter(f"{p}_dead_letters_published_total", "Records published to the dead-letter topic", registry=r)
         self.commits = Counter(f"{p}_offset_commits_total", "Successful offset commits", registry=r)
@@ -88,6 +90,8 @@ class Metrics:
             self.segments_started.labels(reason=reason)
         for state in ("firing", "resolved", "signal_quality"):
             self.alerts.labels(state=state)
+        for trigger in TRIGGERS:
+            self.alert_triggers.labels(trigger=trigger)
         for reason in QUALITY_REASONS:
             self.signal_quality_windows.labels(reason=reason)
         self.model_threshold.set(threshold)

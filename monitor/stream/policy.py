@@ -40,6 +40,7 @@ Flag = TypeVar("Flag", bool, np.ndarray)
 FIRING, RESOLVED = "firing", "resolved"
 #: the rule that opened an anomaly alert (`ScorePolicy.trigger`; the alert record's `trigger`)
 AGGREGATE_TRIGGER, FAST_RUN_TRIGGER, GROSS_TRIGGER = "aggregate", "fast_run", "gross"
+TRIGGERS = (AGGREGATE_TRIGGER, FAST_RUN_TRIGGER, GROSS_TRIGGER)
 
 
 @dataclass(slots=True)
