@@ -601,9 +601,10 @@ def policy_input(stream: Stream, calibrator: Calibrator, config: ScorePolicyConf
     for beat windows raised to the template score at its weight, plus the rhythm score at its weight (ECG5000
     streams, one beat a second, have none); and which beats are fast-run beats (`fast_run_beat`)."""
     scored = calibrate(stream, calibrator)
-    beats = rhythm.score_times(stream.times_s, stream.good_quality) if len(stream) else None
+    fast_runs = config.fast_run_beats and stream.template_scores is not None
+    beats = rhythm.score_times(stream.times_s, stream.good_quality) if len(stream) and (
+        config.rhythm_weight or fast_runs) else None
     prematurity = beats.score if beats is not None and config.rhythm_weight else None
-    fast = None if beats is None or stream.template_scores is None else \
-        config.fast_run_beat(stream.template_scores, beats.fast)
+    fast = config.fast_run_beat(stream.template_scores, beats.fast) if beats is not None and fast_runs else None
     return replace(scored, scores=config.beat_input(scored.scores, stream.template_scores, prematurity),
                    fast_run_beats=fast)

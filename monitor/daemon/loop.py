@@ -47,12 +47,11 @@ from monitor.daemon.settings import MonitorSettings, load_settings
 from monitor.stream.ledger import Checkpoint, Ledger
 from monitor.stream.beat_windowing import SEGMENT_REASONS, BeatWindow, BeatWindower, beat_fields, convention_of
 from monitor.stream.windowing import Window, Windower
-from monitor.stream.wire import AlertRecord, DeadLetter, InvalidRecord, ScoreRecord, decode_input
+from monitor.stream.wire import AlertRecord, AlertTrigger, DeadLetter, InvalidRecord, ScoreRecord, decode_input
 
 log = logging.getLogger("monitor.daemon.loop")
 
 AlertState = Literal["firing", "resolved", "signal_quality"]  # what ScorePolicy.observe returns
-Trigger = Literal["aggregate", "fast_run", "gross"]  # what ScorePolicy.trigger returns
 
 COMMIT_INTERVAL_S = 1.0  # commits are cheap but not free; at most one a second unless forced
 HOUSEKEEPING_INTERVAL_S = 1.0  # idle eviction, reorder timeouts, gauges
@@ -330,7 +329,7 @@ class Monitor:
                                 calibrated_score=_finite(outcome.calibrated.score),
                                 calibrated_threshold=_finite(outcome.calibrated_threshold), quality=bad,
                                 rhythm_score=outcome.rhythm_score, template_score=outcome.template_score,
-                                trigger=cast(Trigger, outcome.trigger) if state == "firing" else None)
+                                trigger=cast(AlertTrigger, outcome.trigger) if state == "firing" else None)
             self.outbox.send(self.settings.alerts_topic, window.sensor_id.encode(), alert.to_bytes())
             self.metrics.alerts.labels(state=state).inc()
             if alert.trigger is not None:

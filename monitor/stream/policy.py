@@ -293,11 +293,9 @@ class ScorePolicy:
         if not calibrating:
             self._feed(st, score)
         if not st.open:
-            st.trigger = GROSS_TRIGGER if st.gross_run >= c.gross_beats else None if calibrating \
-                else AGGREGATE_TRIGGER if st.value > c.fire_level \
-                else FAST_RUN_TRIGGER if 0 < c.fast_run_beats <= st.fast_run else None
-            if st.trigger is not None:
-                st.open, st.below = True, 0
+            trigger = self._opening_rule(st, calibrating)
+            if trigger is not None:
+                st.open, st.below, st.trigger = True, 0, trigger
                 transitions.append(FIRING)
         else:
             st.below = st.below + 1 if st.value < c.resolve_level and not gross and not fast_run_beat else 0
@@ -305,6 +303,17 @@ class ScorePolicy:
                 st.open, st.trigger = False, None
                 transitions.append(RESOLVED)
         return transitions
+
+    def _opening_rule(self, st: ScoreState, calibrating: bool) -> str | None:
+        """The rule that opens an alert at this beat, if any (only the gross rule while the sensor calibrates)."""
+        c = self.config
+        if st.gross_run >= c.gross_beats:
+            return GROSS_TRIGGER
+        if calibrating:
+            return None
+        if st.value > c.fire_level:
+            return AGGREGATE_TRIGGER
+        return FAST_RUN_TRIGGER if 0 < c.fast_run_beats <= st.fast_run else None
 
     def _feed(self, st: ScoreState, score: float) -> None:
         c = self.config

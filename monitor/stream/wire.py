@@ -121,6 +121,10 @@ def _reason_for(exc: ValidationError) -> tuple[str, str]:
     return "schema", detail
 
 
+#: the rule that opened a firing alert (monitor.stream.policy's triggers)
+AlertTrigger = Literal["aggregate", "fast_run", "gross"]
+
+
 class AlertRecord(BaseModel):
     """An alert opening (`firing`) or closing (`resolved`) for one sensor, or a one-shot
     `signal_quality` alert (bad signal: lead off, flat, saturated, noisy, motion artefact; `quality` says which)."""
@@ -152,7 +156,7 @@ class AlertRecord(BaseModel):
     template_score: float | None = None
     # Firing alerts: the rule that opened it: "aggregate" (the mean of recent calibrated scores over the fire
     # level), "fast_run" (beat windows: fast beats in a row unlike the sensor's usual beat) or "gross"
-    trigger: Literal["aggregate", "fast_run", "gross"] | None = None
+    trigger: AlertTrigger | None = None
 
     @staticmethod
     def make_id(sensor_id: str, window_start_seq: int, state: str, partition: int, offset: int) -> str:
